@@ -1,0 +1,1 @@
+"""Trained multi-token prediction heads (Medusa, EAGLE) as drafters: ``specdec.heads``."""

@@ -1,0 +1,11 @@
+"""specdec: lossless speculative decoding for any Hugging Face causal LM."""
+
+from .drafters import DraftModel, Drafter, PromptLookup
+from .generate import SpeculativeModel, generate, wrap
+from .output import SpeculativeOutput, Stats
+from .tree import Tree
+
+__all__ = [
+    "DraftModel", "Drafter", "PromptLookup", "SpeculativeModel", "SpeculativeOutput", "Stats", "Tree",
+    "generate", "wrap",
+]

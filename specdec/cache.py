@@ -1,0 +1,106 @@
+"""A KV cache that keeps only accepted tree entries, plugged in as an ordinary transformers ``Cache``.
+
+Cache column c of every layer holds the token in column c of the batch's sequence buffer, so rows of
+different lengths share one layout: row b is valid in ``[start_b, end_b)`` and whatever lies beyond its
+end is masked out. A verification step appends the whole tree after the longest row; ``compact`` then
+moves each row's accepted path to the row's own end, so rejected branches cost one write and nothing is
+re-prefilled. Buffers are preallocated and grow by doubling, instead of the ``torch.cat`` per step of
+``DynamicCache``, which copies the whole cache every token.
+
+Sliding-window layers keep their full history here; the window is applied by the attention mask, which is
+exact, at the cost of memory proportional to the sequence rather than to the window.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+
+class TreeLayer(DynamicLayer):
+    def __init__(self, capacity: int = 256):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self._k = key_states.new_empty(*key_states.shape[:2], self.capacity, key_states.shape[-1])
+        self._v = value_states.new_empty(*value_states.shape[:2], self.capacity, value_states.shape[-1])
+        self.is_initialized = True
+        self._set_length(0)
+
+    def _set_length(self, length: int) -> None:
+        self.length = length
+        self.keys = self._k[:, :, :length]
+        self.values = self._v[:, :, :length]
+
+    def _reserve(self, length: int) -> None:
+        if length <= self._k.shape[2]:
+            return
+        capacity = max(length, 2 * self._k.shape[2])
+        for name in ("_k", "_v"):
+            old = getattr(self, name)
+            new = old.new_empty(*old.shape[:2], capacity, old.shape[-1])
+            new[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, new)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, n = self.length, key_states.shape[-2]
+        self._reserve(start + n)
+        self._k[:, :, start : start + n] = key_states
+        self._v[:, :, start : start + n] = value_states
+        self._set_length(start + n)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def crop(self, max_length: int) -> None:
+        if max_length < 0:
+            max_length = self.length + max_length
+        if self.is_initialized:
+            self._set_length(min(max_length, self.length))
+
+    def compact(self, src: torch.Tensor, dest: torch.Tensor, length: int) -> None:
+        """Copy columns ``src`` (B, A) to columns ``dest`` (B, A), then keep ``length`` columns."""
+        if not self.is_initialized:
+            return
+        for buf in (self._k, self._v):
+            b, h, _, d = buf.shape
+            gathered = buf.gather(2, src[:, None, :, None].expand(b, h, -1, d))
+            buf.scatter_(2, dest[:, None, :, None].expand(b, h, -1, d), gathered)
+        self._set_length(length)
+
+
+class TreeCache(Cache):
+    """One :class:`TreeLayer` per attention layer, created as the model first writes to it."""
+
+    def __init__(self, capacity: int = 256):
+        super().__init__(layer_class_to_replicate=partial(TreeLayer, capacity))
+
+    @classmethod
+    def from_dynamic(cls, cache: DynamicCache, capacity: int) -> "TreeCache":
+        """Copy a caller's prefilled ``DynamicCache`` so the caller's object is never modified."""
+        tree_cache = cls(capacity)
+        for layer in cache.layers:
+            tree_layer = TreeLayer(max(capacity, layer.get_seq_length()))
+            if layer.is_initialized and layer.keys.numel():
+                tree_layer.update(layer.keys, layer.values)
+            tree_cache.layers.append(tree_layer)
+        return tree_cache
+
+    def compact(self, src: torch.Tensor, dest: torch.Tensor, keep: torch.Tensor) -> None:
+        """Move ``keep[b]`` columns ``src[b, :keep[b]]`` of each row to ``dest[b], dest[b] + 1, ...``.
+
+        Columns past ``keep[b]`` are written too (with whatever ``src`` names there) but lie beyond the
+        row's new end, where the mask hides them; the cache is then cropped to the longest row.
+        """
+        dest_cols = dest[:, None] + torch.arange(src.shape[1], device=src.device)
+        length = int((dest + keep).max())
+        for layer in self.layers:
+            layer.compact(src, dest_cols, length)

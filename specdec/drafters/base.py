@@ -1,0 +1,31 @@
+"""The one interface every drafter implements (as transformers' ``CandidateGenerator`` does)."""
+
+from __future__ import annotations
+
+from ..sampling import Sampling
+from ..sequences import Sequences
+from ..tree import Tree
+
+
+class Drafter:
+    """Proposes a token tree rooted at each row's last token.
+
+    ``check`` runs before anything else and must raise on a target this drafter cannot serve; ``begin``
+    sets up per-call state (a drafter object can be reused across ``generate`` calls, one at a time);
+    ``propose`` is called once per verification step. Drafters that sample fill ``Tree.draft_probs`` with
+    the distribution each node was drawn from; deterministic drafters leave it None.
+    """
+
+    forwards: int = 0  # model forward passes spent drafting in the current call
+
+    def check(self, target) -> None:
+        pass
+
+    def begin(self, target, seqs: Sequences, sampling: Sampling) -> None:
+        self.forwards = 0
+
+    def propose(self, seqs: Sequences) -> Tree:
+        raise NotImplementedError
+
+    def end(self) -> None:
+        """Release per-call state (caches) once the call ends, normally or not."""

@@ -1,0 +1,135 @@
+"""A smaller causal LM with the same vocabulary drafts a chain (``tree_width=1``) or a top-k tree."""
+
+from __future__ import annotations
+
+import torch
+
+from ..cache import TreeCache
+from ..forward import Prefix, check_model, extend_chains, forward_nodes, prefill
+from ..sampling import Sampling
+from ..sequences import Sequences
+from ..tree import Tree
+from .base import Drafter
+
+
+class DraftModel(Drafter):
+    """Drafts ``num_draft_tokens`` levels with ``model``.
+
+    Each level keeps the ``tree_width`` nodes with the highest draft probability of their path and gives
+    each of them ``tree_width`` children: the most likely tokens when decoding greedily, i.i.d. samples
+    from the draft's distribution when sampling (as SpecInfer's verification requires). Costs
+    ``num_draft_tokens`` draft forward passes per step, whatever the width.
+
+    The draft's KV cache always holds exactly the row's accepted tokens: drafted nodes are dropped after
+    each step and the accepted ones re-enter with the next step's first forward pass, so nothing needs
+    rolling back and that pass costs no more than a one-token pass would.
+    """
+
+    def __init__(self, model, num_draft_tokens: int = 5, tree_width: int = 1):
+        for name, value in [("num_draft_tokens", num_draft_tokens), ("tree_width", tree_width)]:
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        check_model(model, "assistant_model")
+        self.model = model
+        self.num_draft_tokens = num_draft_tokens
+        self.tree_width = tree_width
+        self.cache = None
+
+    def check(self, target) -> None:
+        ours = self.model.get_output_embeddings().weight.shape[0]
+        theirs = target.get_output_embeddings().weight.shape[0]
+        if ours != theirs:
+            raise ValueError(
+                f"`assistant_model` predicts {ours} tokens but the target predicts {theirs}; a draft model "
+                f"must share the target's tokenizer and vocabulary size."
+            )
+        if self.model.device != target.device:
+            raise ValueError(
+                f"`assistant_model` is on {self.model.device} but the target is on {target.device}; "
+                f"move both to the same device."
+            )
+
+    def begin(self, target, seqs: Sequences, sampling: Sampling) -> None:
+        self.forwards = 0
+        self.sampling = sampling
+        self.cache = TreeCache(seqs.tokens.shape[1])
+        width = seqs.prompt_length
+        self.forwards += prefill(self.model, self.cache, seqs.tokens[:, : width - 1], seqs.start)
+        self.cached_end = torch.full_like(seqs.end, width - 1)
+
+    def end(self) -> None:
+        self.cache = None
+
+    def _probs(self, logits, seqs: Sequences, depth) -> torch.Tensor:
+        # Greedy drafting still needs the draft's full distribution to rank its top-k children.
+        return self.sampling.probs(logits, seqs.generated[:, None] + depth, seqs.end[:, None] + depth, point_mass=False)
+
+    def _children(self, probs: torch.Tensor) -> torch.Tensor:
+        if self.sampling.do_sample:
+            flat = probs.reshape(-1, probs.shape[-1])
+            return torch.multinomial(flat, self.tree_width, replacement=True).reshape(*probs.shape[:-1], -1)
+        return probs.topk(self.tree_width, dim=-1).indices
+
+    @torch.no_grad()
+    def propose(self, seqs: Sequences) -> Tree:
+        batch, dev, w = seqs.end.shape[0], seqs.end.device, self.tree_width
+        rows = torch.arange(batch, device=dev)
+
+        # Catch up on the tokens accepted since the last step (the root included).
+        count = seqs.end - self.cached_end
+        new = torch.arange(int(count.max()), device=dev)
+        cols = (self.cached_end[:, None] + new).clamp(max=seqs.tokens.shape[1] - 1)
+        logits = extend_chains(self.model, self.cache, seqs.tokens.gather(1, cols), count,
+                               Prefix(seqs.start, self.cached_end))
+        self.forwards += 1
+        self.cached_end = seqs.end.clone()
+        committed = self.cache.get_seq_length()
+
+        root_probs = self._probs(logits[rows, count - 1][:, None], seqs, 0)  # (B, 1, V)
+        tokens = [seqs.last[:, None]]
+        parents = [torch.full((batch, 1), -1, device=dev)]
+        probs = [torch.zeros_like(root_probs)]
+        logp = [torch.zeros(batch, 1, device=dev)]
+        frontier = torch.zeros(batch, 1, dtype=torch.long, device=dev)  # nodes to expand, by index
+        frontier_probs = root_probs
+        fed = []  # node indices fed to the draft this step, in cache order after `committed`
+        n_nodes = 1
+        for level in range(1, self.num_draft_tokens + 1):
+            kids = self._children(frontier_probs)  # (B, F, w)
+            k = kids.shape[1] * w
+            kid_logp = (frontier_probs.gather(-1, kids).clamp(min=1e-30).log()
+                        + torch.cat(logp, 1).gather(1, frontier)[..., None])
+            tokens.append(kids.reshape(batch, k))
+            parents.append(frontier[..., None].expand(-1, -1, w).reshape(batch, k))
+            probs.append(frontier_probs[:, :, None].expand(-1, -1, w, -1).reshape(batch, k, -1))
+            logp.append(kid_logp.reshape(batch, k))
+            level_ids = n_nodes + torch.arange(k, device=dev)
+            n_nodes += k
+            if level == self.num_draft_tokens:
+                break
+            # Expand the `w` most probable new nodes next.
+            best = logp[-1].topk(min(w, k), dim=-1).indices
+            frontier = level_ids[best]
+            tree = Tree(torch.cat(tokens, 1), torch.cat(parents, 1), torch.ones(batch, n_nodes, dtype=torch.bool, device=dev))
+            fed_ids = torch.cat(fed + [frontier], 1)
+            fed.append(frontier)
+            visible = tree.ancestors[rows[:, None], frontier].gather(
+                2, fed_ids[:, None, :].expand(-1, frontier.shape[1], -1))
+            root_pos = (seqs.end - 1 - seqs.start)[:, None]
+            logits = forward_nodes(
+                self.model, self.cache, tree.tokens.gather(1, frontier), root_pos + tree.depth.gather(1, frontier),
+                Prefix(seqs.start, seqs.end), visible, root_pos + tree.depth.gather(1, fed_ids),
+            )
+            self.forwards += 1
+            frontier_probs = self._probs(logits, seqs, tree.depth.gather(1, frontier))
+
+        self.cache.crop(committed)
+        tokens = torch.cat(tokens, 1)
+        valid = ~seqs.finished[:, None].expand_as(tokens).clone()
+        valid[:, 0] = True
+        return Tree(
+            tokens=tokens,
+            parents=torch.cat(parents, 1),
+            valid=valid,
+            draft_probs=torch.cat(probs, 1) if self.sampling.do_sample else None,
+        )

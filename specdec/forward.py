@@ -1,0 +1,150 @@
+"""One forward pass of any causal LM over new nodes that attend to a cached prefix and to their ancestors.
+
+This is the seam where the verifier's attention happens. It plugs into the model's own code through
+transformers' extension points only: a custom :class:`~specdec.cache.TreeCache`, explicit per-node
+``position_ids`` (root position + depth), and 4D float masks (0 / finfo.min), which transformers' mask
+creation passes through unchanged to eager and SDPA attention. Models with several layer types (Gemma2,
+Qwen2 with sliding layers) receive one mask per type, as their own forward builds them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_ATTENTION = ("eager", "sdpa")
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def layer_windows(config) -> dict[str, int | None] | int | None:
+    """The sliding window of each mask the model expects: a dict for models that take one mask per layer
+    type, else the single window (None for full attention)."""
+    layer_types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if layer_types is None:
+        return window
+    return {kind: (window if kind == "sliding_attention" else None) for kind in set(layer_types)}
+
+
+def check_model(model, argument: str) -> None:
+    """Refuse, before anything runs, a model this engine cannot drive exactly."""
+    from transformers import PreTrainedModel
+
+    config = getattr(model, "config", None)
+    if (
+        not isinstance(model, PreTrainedModel)
+        or getattr(config, "is_encoder_decoder", False)
+        or model.get_output_embeddings() is None
+    ):
+        raise TypeError(
+            f"`{argument}` must be a decoder-only causal LM with an LM head (AutoModelForCausalLM), "
+            f"got {type(model).__name__}."
+        )
+    impl = config._attn_implementation
+    if impl not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"`{argument}` uses attn_implementation={impl!r}, which cannot take a tree attention mask; "
+            f"load it with attn_implementation='sdpa' or 'eager'."
+        )
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    if not layer_types <= set(SUPPORTED_LAYER_TYPES):
+        raise NotImplementedError(
+            f"`{argument}` has layer types {sorted(layer_types - set(SUPPORTED_LAYER_TYPES))}; speculative "
+            f"decoding supports {SUPPORTED_LAYER_TYPES} (recurrent and chunked layers cannot be rolled back)."
+        )
+
+
+@dataclass
+class Prefix:
+    """The cached part each row may attend to: columns ``[start, end)``, at positions ``column - start``."""
+
+    start: torch.Tensor  # (B,) first valid cache column (left padding)
+    end: torch.Tensor  # (B,) one past the last cached column of the row
+
+
+def _visible(prefix: Prefix, cache_len: int, region_start: int, region_visible, q_pos, region_pos, window):
+    batch, q = q_pos.shape
+    cols = torch.arange(region_start, device=q_pos.device)
+    prefix_ok = (cols >= prefix.start[:, None]) & (cols < prefix.end[:, None])  # (B, C)
+    visible = torch.cat([prefix_ok[:, None, :].expand(batch, q, -1), region_visible], dim=-1)
+    if window is not None:
+        k_pos = torch.cat([cols[None, :] - prefix.start[:, None], region_pos], dim=-1)
+        visible = visible & (q_pos[:, :, None] - k_pos[:, None, :] < window)
+    return visible
+
+
+def forward_nodes(
+    model,
+    cache,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    prefix: Prefix,
+    region_visible: torch.Tensor,
+    region_pos: torch.Tensor,
+) -> torch.Tensor:
+    """Run ``model`` on ``tokens`` (B, Q) appended to ``cache``; returns logits (B, Q, V).
+
+    Keys are the cache's ``prefix`` columns, then a *region*: columns from ``region_start = cache length -
+    R_old`` onward, holding R_old nodes fed by earlier calls and the Q new ones, at positions
+    ``region_pos`` (B, R_old + Q). ``region_visible`` (B, Q, R_old + Q) says which region nodes each new
+    node sees (its ancestors and itself). Every node sees at least itself, so no softmax row is empty.
+    """
+    cache_len = cache.get_seq_length()
+    region_start = cache_len + tokens.shape[1] - region_visible.shape[-1]
+    dtype = model.dtype
+    windows = layer_windows(model.config)
+
+    def mask(window):
+        vis = _visible(prefix, cache_len, region_start, region_visible, positions, region_pos, window)
+        return torch.where(vis, 0.0, torch.finfo(dtype).min).to(dtype)[:, None]
+
+    if isinstance(windows, dict):
+        attention_mask = {kind: mask(window) for kind, window in windows.items()}
+    else:
+        attention_mask = mask(windows)
+    out = model(
+        input_ids=tokens,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return out.logits
+
+
+def prefill(model, cache, tokens: torch.Tensor, start: torch.Tensor, begin: int = 0, chunk: int = 512) -> int:
+    """Feed columns ``[begin, W)`` of left-padded ``tokens`` (B, W) into a cache holding columns
+    ``[0, begin)``, in chunks so the mask stays (chunk x W) rather than (W x W). Returns the passes run."""
+    batch, width = tokens.shape
+    cols = torch.arange(width, device=tokens.device)
+    positions = (cols[None, :] - start[:, None]).clamp(min=0)
+    real = cols[None, :] >= start[:, None]
+    passes = 0
+    for c0 in range(begin, width, chunk):
+        c1 = min(c0 + chunk, width)
+        q = torch.arange(c0, c1, device=tokens.device)
+        causal = (q[None, :, None] >= q[None, None, :]) & real[:, None, c0:c1]
+        forward_nodes(
+            model, cache, tokens[:, c0:c1], positions[:, c0:c1],
+            Prefix(start, torch.full_like(start, c0)),
+            causal | torch.eye(c1 - c0, dtype=torch.bool, device=tokens.device),
+            positions[:, c0:c1],
+        )
+        passes += 1
+    return passes
+
+
+def extend_chains(model, cache, tokens: torch.Tensor, count: torch.Tensor, prefix: Prefix) -> torch.Tensor:
+    """Feed ragged chains ``tokens[b, :count[b]]`` that continue each row's prefix, keep them in the cache
+    right after the prefix, and return the logits (B, Q, V)."""
+    q = tokens.shape[1]
+    steps = torch.arange(q, device=tokens.device)
+    valid = steps[None, :] < count[:, None]
+    positions = prefix.end[:, None] - prefix.start[:, None] + steps[None, :]
+    visible = (steps[:, None] >= steps[None, :])[None] & valid[:, None, :]
+    visible |= torch.eye(q, dtype=torch.bool, device=tokens.device)
+    cache_len = cache.get_seq_length()
+    logits = forward_nodes(model, cache, tokens, positions, prefix, visible, positions)
+    cache.compact((cache_len + steps).expand(tokens.shape[0], -1), prefix.end, count)
+    return logits

@@ -1,0 +1,229 @@
+"""``generate``: the speculative decoding loop, a drop-in for ``model.generate``.
+
+Per step: the drafter proposes a tree rooted at each row's last token, the target runs once over the
+tree, the verifier accepts a path per row, the cache keeps that path, and the new tokens stream out.
+Everything the caller passes is validated before any model runs; the caller's model, generation config
+and cache are never modified.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from .cache import TreeCache
+from .drafters.base import Drafter
+from .drafters.draft_model import DraftModel
+from .drafters.prompt_lookup import PromptLookup
+from .forward import Prefix, check_model, forward_nodes, prefill
+from .output import SpeculativeOutput, Stats
+from .sampling import Sampling
+from .sequences import Sequences
+from .tree import Tree
+from .verify import accept
+
+
+def _resolve_drafter(drafter, assistant_model, prompt_lookup_num_tokens) -> Drafter | None:
+    given = [n for n, v in [("drafter", drafter), ("assistant_model", assistant_model),
+                            ("prompt_lookup_num_tokens", prompt_lookup_num_tokens)] if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"Pass at most one of `drafter`, `assistant_model`, `prompt_lookup_num_tokens`; got {given}.")
+    if assistant_model is not None:
+        return DraftModel(assistant_model)
+    if prompt_lookup_num_tokens is not None:
+        if not isinstance(prompt_lookup_num_tokens, int) or prompt_lookup_num_tokens <= 0:
+            raise ValueError(f"`prompt_lookup_num_tokens` must be a positive integer, got {prompt_lookup_num_tokens!r}.")
+        return PromptLookup(num_draft_tokens=prompt_lookup_num_tokens)
+    if drafter is not None and not isinstance(drafter, Drafter):
+        raise TypeError(f"`drafter` must be a specdec Drafter (DraftModel, PromptLookup, ...), got {type(drafter).__name__}.")
+    return drafter
+
+
+def _resolve_config(model, generation_config, kwargs):
+    resolved = model._prepare_generation_config(generation_config, **kwargs)
+    config, unused = resolved if isinstance(resolved, tuple) else (resolved, {})
+    unused = {k: v for k, v in unused.items() if v is not None}
+    if unused:
+        raise TypeError(f"generate() got unsupported keyword arguments {sorted(unused)}.")
+    return config
+
+
+def _resolve_mask(input_ids, attention_mask, pad_token_id, eos):
+    if attention_mask is None:
+        if pad_token_id is not None and pad_token_id not in eos and bool((input_ids == pad_token_id).any()):
+            attention_mask = (input_ids != pad_token_id).long()
+        else:
+            attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"`attention_mask` has shape {tuple(attention_mask.shape)}, `input_ids` {tuple(input_ids.shape)}.")
+    mask = attention_mask.bool()
+    if not bool(mask[:, -1].all()) or bool((mask[:, :-1] & ~mask[:, 1:]).any()):
+        raise ValueError(
+            "`attention_mask` must be left-padded (zeros, then ones, with at least one token per row); "
+            "set tokenizer.padding_side = 'left'."
+        )
+    return mask
+
+
+def _resolve_cache(past_key_values, input_ids, capacity):
+    if past_key_values is None:
+        return TreeCache(capacity)
+    if type(past_key_values) is not DynamicCache or any(layer.is_sliding for layer in past_key_values.layers):
+        raise TypeError(
+            f"`past_key_values` of type {type(past_key_values).__name__} is not supported; pass None or a "
+            f"DynamicCache without sliding-window layers holding a prefix of `input_ids`."
+        )
+    cached = past_key_values.get_seq_length()
+    batch = [layer.keys.shape[0] for layer in past_key_values.layers if layer.is_initialized and layer.keys.numel()]
+    if cached >= input_ids.shape[1] or any(b != input_ids.shape[0] for b in batch):
+        raise ValueError(
+            f"`past_key_values` holds {cached} tokens for batch {batch[:1]}; it must cover a strict prefix "
+            f"of `input_ids` {tuple(input_ids.shape)}."
+        )
+    return TreeCache.from_dynamic(past_key_values, capacity)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _new_token_count(acc, eos: tuple[int, ...], room: torch.Tensor) -> torch.Tensor:
+    """Accepted tokens each row keeps: cut after the first eos and at ``max_new_tokens``."""
+    count = acc.length
+    if eos:
+        steps = torch.arange(acc.tokens.shape[1], device=count.device)
+        is_eos = torch.isin(acc.tokens, torch.tensor(eos, device=count.device)) & (steps < count[:, None])
+        first = torch.where(is_eos, steps, acc.tokens.shape[1]).min(1).values
+        count = torch.minimum(count, first + 1)
+    return torch.minimum(count, room)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    drafter: Drafter | None = None,
+    assistant_model=None,
+    prompt_lookup_num_tokens: int | None = None,
+    generation_config=None,
+    streamer=None,
+    past_key_values=None,
+    **kwargs,
+):
+    """Generate as ``model.generate`` would, verifying drafted tokens in one target pass per step.
+
+    Greedy output equals ``model.generate(do_sample=False)`` token for token; sampled output follows the
+    target's distribution exactly. Returns a LongTensor, or with ``return_dict_in_generate=True`` a
+    :class:`~specdec.output.SpeculativeOutput` whose ``.stats`` count forwards, drafts and acceptance.
+    """
+    check_model(model, "model")
+    drafter = _resolve_drafter(drafter, assistant_model, prompt_lookup_num_tokens)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise ValueError("`input_ids` must be a LongTensor of shape (batch, prompt_length).")
+    if input_ids.shape[1] == 0:
+        raise ValueError("`input_ids` is empty: each row needs at least one token.")
+    config = _resolve_config(model, generation_config, kwargs)
+    sampling = Sampling.from_config(config)
+    batch, width = input_ids.shape
+    max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - width
+    if max_new is None or max_new <= 0:
+        raise ValueError(f"`max_new_tokens` must be positive, got {max_new} (prompt length {width}).")
+    pad = config.pad_token_id
+    if batch > 1 and pad is None:
+        raise ValueError("Batch size > 1 needs a pad token: pass `pad_token_id=` or set tokenizer.pad_token.")
+    if streamer is not None and batch > 1:
+        raise ValueError("`streamer` supports batch size 1 only.")
+    mask = _resolve_mask(input_ids, attention_mask, pad, sampling.eos_token_ids)
+    if drafter is not None:
+        drafter.check(model)
+    capacity = width + max_new + 64
+    cache = _resolve_cache(past_key_values, input_ids, capacity)
+
+    stats = Stats()
+    seqs = Sequences.from_prompt(input_ids, mask, capacity)
+    dev = input_ids.device
+    try:
+        stats.target_forwards += prefill(
+            model, cache, seqs.tokens[:, : width - 1], seqs.start, begin=cache.get_seq_length()
+        )
+        if drafter is not None:
+            drafter.begin(model, seqs, sampling)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        while not bool(seqs.finished.all()):
+            active = ~seqs.finished
+            t0 = _sync(dev)
+            tree = drafter.propose(seqs) if drafter is not None else Tree.root_only(seqs.last)
+            t1 = _sync(dev)
+            cache_len = cache.get_seq_length()
+            root_pos = (seqs.end - 1 - seqs.start)[:, None]
+            positions = root_pos + tree.depth
+            logits = forward_nodes(
+                model, cache, tree.tokens, positions, Prefix(seqs.start, seqs.end - 1), tree.ancestors, positions
+            )
+            probs = sampling.probs(logits, seqs.generated[:, None] + tree.depth, seqs.end[:, None] + tree.depth)
+            acc = accept(tree, probs)
+            cache.compact(cache_len + acc.path, seqs.end - 1, torch.where(active, acc.length, 0))
+            count = torch.where(active, _new_token_count(acc, sampling.eos_token_ids, max_new - seqs.generated), 0)
+            seqs.append(acc.tokens, count)
+            hit_eos = torch.isin(seqs.last, torch.tensor(sampling.eos_token_ids, device=dev, dtype=torch.long))
+            seqs.finished |= (seqs.generated >= max_new) | (hit_eos & (count > 0))
+            t2 = _sync(dev)
+
+            stats.steps += 1
+            stats.target_forwards += 1
+            stats.row_steps += int(active.sum())
+            stats.drafted_tokens += int((tree.valid[:, 1:] & active[:, None]).sum())
+            stats.accepted_tokens += int(torch.where(active, acc.length - 1, 0).sum())
+            stats.new_tokens += int(count.sum())
+            stats.draft_seconds += t1 - t0
+            stats.verify_seconds += t2 - t1
+            if streamer is not None:
+                streamer.put(acc.tokens[0, : int(count[0])].cpu())
+        if streamer is not None:
+            streamer.end()
+    finally:
+        if drafter is not None:
+            stats.draft_forwards = drafter.forwards
+            drafter.end()
+
+    out_width = int(seqs.end.max())
+    sequences = seqs.tokens[:, :out_width].clone()
+    sequences[:, :width] = input_ids
+    if pad is not None:
+        beyond = torch.arange(out_width, device=dev)[None, :] >= seqs.end[:, None]
+        sequences[beyond] = pad
+    if config.return_dict_in_generate:
+        return SpeculativeOutput(sequences=sequences, stats=stats)
+    return sequences
+
+
+class SpeculativeModel:
+    """``wrap(model, drafter)``: behaves as ``model``, but its ``generate`` speculates."""
+
+    def __init__(self, model, drafter: Drafter | None = None):
+        check_model(model, "model")
+        if drafter is not None:
+            drafter.check(model)
+        self.model = model
+        self.drafter = drafter
+
+    def generate(self, input_ids=None, attention_mask=None, **kwargs):
+        kwargs.setdefault("drafter", None if {"assistant_model", "prompt_lookup_num_tokens"} & kwargs.keys() else self.drafter)
+        return generate(self.model, input_ids, attention_mask, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def wrap(model, drafter: Drafter | None = None) -> SpeculativeModel:
+    return SpeculativeModel(model, drafter)

@@ -1,0 +1,101 @@
+"""Turning logits into the distribution transformers' ``generate`` would sample from, at every tree node.
+
+The same processing is applied to the target (to verify) and to a draft model (to propose), so that the
+draft's proposal distribution q is comparable to the target's p.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+# Options of transformers' generate that change the output and that this engine does not implement.
+# Their defaults, as transformers resolves them; anything else is refused rather than silently ignored.
+UNSUPPORTED_DEFAULTS = {
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "num_return_sequences": 1,
+    "penalty_alpha": None,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "sequence_bias": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "min_p": None,
+    "top_h": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "exponential_decay_length_penalty": None,
+    "guidance_scale": None,
+    "watermarking_config": None,
+    "stop_strings": None,
+    "output_scores": False,
+    "output_logits": False,
+    "output_attentions": False,
+    "output_hidden_states": False,
+}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    do_sample: bool
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    eos_token_ids: tuple[int, ...]
+    min_new_tokens: int
+    min_length: int
+
+    @classmethod
+    def from_config(cls, config) -> "Sampling":
+        for name, default in UNSUPPORTED_DEFAULTS.items():
+            value = getattr(config, name, default)
+            if value is not None and value != default:
+                raise ValueError(
+                    f"`{name}={value!r}` is not supported by speculative decoding; leave it at {default!r}."
+                )
+        eos = config.eos_token_id
+        eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+        return cls(
+            do_sample=bool(config.do_sample),
+            temperature=float(config.temperature if config.temperature is not None else 1.0),
+            top_k=config.top_k,
+            top_p=config.top_p,
+            eos_token_ids=eos,
+            min_new_tokens=config.min_new_tokens or 0,
+            min_length=config.min_length or 0,
+        )
+
+    def probs(self, logits, new_tokens: torch.Tensor, length: torch.Tensor, point_mass: bool = True) -> torch.Tensor:
+        """Distribution of the next token after each node, as transformers' generate defines it.
+
+        ``logits`` (B, N, V); ``new_tokens`` (B, N): tokens generated before the one predicted at each node;
+        ``length`` (B, N): the same counted as transformers counts ``input_ids.shape[-1]`` (padded prompt
+        + generated), for ``min_length``. Greedy decoding gives a point mass on the argmax (or, with
+        ``point_mass=False``, the unwarped softmax, whose argmax is the same token).
+        """
+        scores = logits.float()
+        if self.eos_token_ids:
+            too_short = (new_tokens < self.min_new_tokens) | (length < self.min_length)
+            eos = torch.tensor(self.eos_token_ids, device=scores.device)
+            scores[..., eos] = torch.where(too_short[..., None], -float("inf"), scores[..., eos])
+        if not self.do_sample:
+            if not point_mass:
+                return scores.softmax(-1)
+            return torch.nn.functional.one_hot(scores.argmax(-1), scores.shape[-1]).to(scores.dtype)
+        shape = scores.shape
+        flat = scores.reshape(-1, shape[-1])
+        if self.temperature != 1.0:
+            flat = TemperatureLogitsWarper(self.temperature)(None, flat)
+        if self.top_k:
+            flat = TopKLogitsWarper(top_k=self.top_k)(None, flat)
+        if self.top_p is not None and self.top_p < 1.0:
+            flat = TopPLogitsWarper(top_p=self.top_p)(None, flat)
+        return flat.softmax(-1).reshape(shape)

@@ -1,0 +1,91 @@
+"""The token tree a drafter proposes and the verifier checks: one representation for every drafter.
+
+Each row of the batch has its own tree. Node 0 is the root: the row's last token, which is not yet in
+the target's KV cache. Every other node is a drafted token whose parent comes earlier (``parents[b, i] <
+i``), so index order is a topological order and a chain is simply ``parents = [-1, 0, 1, 2, ...]``.
+Rows are padded to a common node count; padding nodes have ``valid = False`` and are never accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+
+@dataclass
+class Tree:
+    tokens: torch.Tensor  # (B, N) long; column 0 is the root
+    parents: torch.Tensor  # (B, N) long; parents[:, 0] == -1
+    valid: torch.Tensor  # (B, N) bool
+    # (B, N, V): the draft distribution node i's token was sampled from. None means every node was chosen
+    # deterministically, which the verifier treats as a point mass on the node's token (still lossless).
+    draft_probs: torch.Tensor | None = None
+
+    @property
+    def num_nodes(self) -> int:
+        return self.tokens.shape[1]
+
+    @cached_property
+    def ancestors(self) -> torch.Tensor:
+        """(B, N, N) bool: ``ancestors[b, i, j]`` is True when node j is node i or one of its ancestors."""
+        batch, n = self.parents.shape
+        anc = torch.zeros(batch, n, n, dtype=torch.bool, device=self.parents.device)
+        rows = torch.arange(batch, device=self.parents.device)
+        for i in range(n):
+            parent = self.parents[:, i]
+            if i:
+                anc[:, i] = anc[rows, parent.clamp(min=0)] & (parent >= 0)[:, None]
+            anc[:, i, i] = True
+        return anc
+
+    @cached_property
+    def depth(self) -> torch.Tensor:
+        """(B, N) long: 0 for the root; a node's position is the root's position plus its depth."""
+        return self.ancestors.sum(-1) - 1
+
+    @cached_property
+    def children(self) -> torch.Tensor:
+        """(B, N, W) long: each node's valid children in index order, padded with -1."""
+        batch, n = self.parents.shape
+        is_child = (self.parents[:, None, :] == torch.arange(n, device=self.parents.device)[None, :, None])
+        is_child &= self.valid[:, None, :]
+        width = max(int(is_child.sum(-1).max()), 1)
+        # Stable sort puts children first, in index order, which is the order siblings are tried in.
+        order = torch.sort((~is_child).to(torch.int8), dim=-1, stable=True).indices[..., :width]
+        return torch.where(is_child.gather(-1, order), order, -1)
+
+    @staticmethod
+    def root_only(roots: torch.Tensor) -> "Tree":
+        """A tree with no drafted tokens: verification then is one ordinary decoding step."""
+        return Tree(
+            tokens=roots[:, None].clone(),
+            parents=torch.full_like(roots[:, None], -1),
+            valid=torch.ones_like(roots[:, None], dtype=torch.bool),
+        )
+
+    @staticmethod
+    def from_paths(roots: torch.Tensor, paths: list[list[list[int]]]) -> "Tree":
+        """Merge each row's candidate continuations into a trie, so shared prefixes are verified once."""
+        rows = []
+        for root, row_paths in zip(roots.tolist(), paths):
+            tokens, parents, index = [root], [-1], {}
+            for path in row_paths:
+                node = 0
+                for token in path:
+                    key = (node, token)
+                    if key not in index:
+                        index[key] = len(tokens)
+                        tokens.append(token)
+                        parents.append(node)
+                    node = index[key]
+            rows.append((tokens, parents))
+        n = max(len(t) for t, _ in rows)
+        pad = lambda xs, v: xs + [v] * (n - len(xs))  # noqa: E731
+        dev = roots.device
+        return Tree(
+            tokens=torch.tensor([pad(t, 0) for t, _ in rows], device=dev),
+            parents=torch.tensor([pad(p, 0) for _, p in rows], device=dev),
+            valid=torch.tensor([pad([True] * len(t), False) for t, _ in rows], device=dev),
+        )

@@ -1,0 +1,79 @@
+"""Accept the longest valid root path of a drafted tree, losslessly.
+
+One rule serves greedy and sampling. At an accepted node with target distribution p, the children are tried
+in order: a child with token x drawn from q is accepted with probability min(1, p(x)/q(x)); on rejection p
+becomes norm(max(p - q, 0)) and the next sibling is tried. If none is accepted, the bonus token is drawn
+from what is left of p. For a chain this is Leviathan et al. / Chen et al.; over i.i.d. sampled siblings it
+is SpecInfer's multi-round rejection; for deterministic drafts q is a point mass on the node's token. In
+greedy decoding p is a point mass on the target's argmax, so the rule reduces to "accept while the draft
+equals the argmax" and the bonus is the argmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .tree import Tree
+
+
+@dataclass
+class Acceptance:
+    path: torch.Tensor  # (B, D+1) node indices from the root, padded with 0
+    length: torch.Tensor  # (B,) nodes on the path, >= 1: accepted drafts + the root
+    tokens: torch.Tensor  # (B, D+1) new tokens: the path's drafted tokens, then the bonus token
+
+
+def accept(tree: Tree, target_probs: torch.Tensor) -> Acceptance:
+    """``target_probs`` (B, N, V): the target's processed next-token distribution after every node."""
+    batch, n, vocab = target_probs.shape
+    dev = target_probs.device
+    rows = torch.arange(batch, device=dev)
+    children = tree.children
+    max_depth = int(tree.depth.max())
+
+    node = torch.zeros(batch, dtype=torch.long, device=dev)
+    p = target_probs[:, 0]
+    path = torch.zeros(batch, max_depth + 1, dtype=torch.long, device=dev)
+    length = torch.ones(batch, dtype=torch.long, device=dev)
+    bonus = torch.zeros(batch, dtype=torch.long, device=dev)
+    done = torch.zeros(batch, dtype=torch.bool, device=dev)
+
+    while not bool(done.all()):
+        chosen = torch.full_like(node, -1)
+        for kid in children[rows, node].unbind(-1):
+            trying = (kid >= 0) & (chosen < 0) & ~done
+            if not bool(trying.any()):
+                continue
+            kid = kid.clamp(min=0)
+            x = tree.tokens[rows, kid]
+            if tree.draft_probs is None:
+                q = torch.nn.functional.one_hot(x, vocab).to(p.dtype)
+            else:
+                q = tree.draft_probs[rows, kid].to(p.dtype)
+            p_x, q_x = p[rows, x], q[rows, x]
+            u = torch.rand(batch, device=dev)
+            ok = trying & (u * q_x < p_x)
+            chosen = torch.where(ok, kid, chosen)
+            residual = (p - q).clamp(min=0)
+            mass = residual.sum(-1, keepdim=True)
+            # mass == 0 only when p == q, where a rejection has probability 0; keep p then.
+            residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p)
+            p = torch.where((trying & ~ok)[:, None], residual, p)
+        advance = chosen >= 0
+        stop = ~advance & ~done
+        if bool(stop.any()):
+            sampled = torch.multinomial(p, 1).squeeze(-1)
+            bonus = torch.where(stop, sampled, bonus)
+        done |= stop
+        if bool(advance.any()):
+            node = torch.where(advance, chosen, node)
+            path[rows[advance], length[advance]] = chosen[advance]
+            length = length + advance.long()
+            p = torch.where(advance[:, None], target_probs[rows, node], p)
+
+    drafted = tree.tokens.gather(1, path[:, 1:])
+    tokens = torch.cat([drafted, bonus[:, None]], dim=1)
+    tokens[rows, length - 1] = bonus
+    return Acceptance(path=path, length=length, tokens=tokens)
