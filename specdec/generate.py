@@ -34,20 +34,36 @@ def _resolve_drafter(drafter, assistant_model, prompt_lookup_num_tokens) -> Draf
         return DraftModel(assistant_model)
     if prompt_lookup_num_tokens is not None:
         if not isinstance(prompt_lookup_num_tokens, int) or prompt_lookup_num_tokens <= 0:
-            raise ValueError(f"`prompt_lookup_num_tokens` must be a positive integer, got {prompt_lookup_num_tokens!r}.")
+            raise ValueError(f"`prompt_lookup_num_tokens` must be positive (an integer), got {prompt_lookup_num_tokens!r}.")
         return PromptLookup(num_draft_tokens=prompt_lookup_num_tokens)
     if drafter is not None and not isinstance(drafter, Drafter):
         raise TypeError(f"`drafter` must be a specdec Drafter (DraftModel, PromptLookup, ...), got {type(drafter).__name__}.")
     return drafter
 
 
-def _resolve_config(model, generation_config, kwargs):
+def _resolve_config(model, generation_config, kwargs, width: int):
+    """transformers' own resolution (kwargs > generation_config > model's > defaults), and its length rule:
+    with no length given anywhere, 20 new tokens, capped by the model's maximum position."""
+    default_length = (
+        kwargs.get("max_length") is None
+        and (generation_config is None or generation_config.max_length is None)
+        and model.generation_config.max_length is None
+    )
     resolved = model._prepare_generation_config(generation_config, **kwargs)
     config, unused = resolved if isinstance(resolved, tuple) else (resolved, {})
     unused = {k: v for k, v in unused.items() if v is not None}
     if unused:
         raise TypeError(f"generate() got unsupported keyword arguments {sorted(unused)}.")
-    return config
+    if config.max_new_tokens is not None:
+        max_new = config.max_new_tokens
+    elif default_length:
+        limit = getattr(model.config, "max_position_embeddings", None) or float("inf")
+        max_new = min(config.max_length + width, limit) - width
+    else:
+        max_new = config.max_length - width
+    if max_new <= 0:
+        raise ValueError(f"`max_new_tokens` must be positive, got {max_new} (prompt length {width}).")
+    return config, int(max_new)
 
 
 def _resolve_mask(input_ids, attention_mask, pad_token_id, eos):
@@ -128,12 +144,9 @@ def generate(
         raise ValueError("`input_ids` must be a LongTensor of shape (batch, prompt_length).")
     if input_ids.shape[1] == 0:
         raise ValueError("`input_ids` is empty: each row needs at least one token.")
-    config = _resolve_config(model, generation_config, kwargs)
-    sampling = Sampling.from_config(config)
     batch, width = input_ids.shape
-    max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - width
-    if max_new is None or max_new <= 0:
-        raise ValueError(f"`max_new_tokens` must be positive, got {max_new} (prompt length {width}).")
+    config, max_new = _resolve_config(model, generation_config, kwargs, width)
+    sampling = Sampling.from_config(config)
     pad = config.pad_token_id
     if batch > 1 and pad is None:
         raise ValueError("Batch size > 1 needs a pad token: pass `pad_token_id=` or set tokenizer.pad_token.")

@@ -28,7 +28,7 @@ class DraftModel(Drafter):
     def __init__(self, model, num_draft_tokens: int = 5, tree_width: int = 1):
         for name, value in [("num_draft_tokens", num_draft_tokens), ("tree_width", tree_width)]:
             if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+                raise ValueError(f"`{name}` must be positive (an integer), got {value!r}.")
         check_model(model, "assistant_model")
         self.model = model
         self.num_draft_tokens = num_draft_tokens

@@ -21,7 +21,7 @@ class PromptLookup(Drafter):
         for name, value in [("num_draft_tokens", num_draft_tokens), ("max_ngram", max_ngram),
                             ("min_ngram", min_ngram), ("tree_width", tree_width)]:
             if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+                raise ValueError(f"`{name}` must be positive (an integer), got {value!r}.")
         if min_ngram > max_ngram:
             raise ValueError(f"`min_ngram` ({min_ngram}) must not exceed `max_ngram` ({max_ngram}).")
         self.num_draft_tokens = num_draft_tokens

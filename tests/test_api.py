@@ -1,0 +1,79 @@
+"""The drop-in surface: transformers' keyword arguments, return types, streamer, wrap()."""
+
+import torch
+from transformers import GenerationConfig
+
+import specdec
+from models import perturbed, prompts, tiny
+
+
+def test_return_dict_carries_sequences_and_stats():
+    model = tiny("llama")
+    ids, mask = prompts(2, 6, 0)
+    out = specdec.generate(model, ids, attention_mask=mask, prompt_lookup_num_tokens=3, max_new_tokens=12,
+                           eos_token_id=None, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, model.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None))
+    s = out.stats
+    assert s.new_tokens == 2 * 12
+    assert s.target_forwards == s.steps + 1
+    assert s.tau == (s.accepted_tokens + s.row_steps) / s.row_steps >= 1.0
+    assert 0.0 <= s.acceptance_rate <= 1.0 and s.verify_seconds > 0
+
+
+def test_generation_config_and_min_new_tokens_and_max_length():
+    model = tiny("qwen2")
+    ids, mask = prompts(3, 6, 1)
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None)
+    eos = int(free[0, 7])  # the second generated token of row 0
+    config = GenerationConfig(max_new_tokens=12, min_new_tokens=5, eos_token_id=[eos, 2], pad_token_id=0)
+    expected = model.generate(ids, attention_mask=mask, generation_config=config)
+    got = specdec.generate(model, ids, attention_mask=mask, generation_config=config,
+                           drafter=specdec.DraftModel(perturbed(model), 3))
+    assert torch.equal(got, expected)
+    # No max_new_tokens: transformers' max_length default (20 tokens in all) applies.
+    assert torch.equal(specdec.generate(model, ids, attention_mask=mask), model.generate(ids, attention_mask=mask))
+
+
+def test_streamer_receives_prompt_then_every_new_token_in_order():
+    model = tiny("llama")
+    ids, _ = prompts(1, 6, 2)
+
+    class Collect:
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.ended = True
+
+    streamer = Collect()
+    out = specdec.generate(model, ids, assistant_model=model, max_new_tokens=15, streamer=streamer, eos_token_id=None)
+    assert streamer.chunks[0] == ids[0].tolist() and streamer.ended
+    assert sum(streamer.chunks[1:], []) == out[0, 6:].tolist()
+    assert max(len(c) for c in streamer.chunks[1:]) > 1  # several tokens per step arrive together
+
+
+def test_wrap_behaves_like_the_model():
+    model = tiny("phi3")
+    fast = specdec.wrap(model, drafter=specdec.PromptLookup(3))
+    ids, mask = prompts(2, 7, 3)
+    assert torch.equal(fast.generate(ids, attention_mask=mask, max_new_tokens=10),
+                       model.generate(ids, attention_mask=mask, max_new_tokens=10))
+    assert fast.config is model.config
+    assert torch.equal(fast(ids).logits, model(ids).logits)
+
+
+def test_pad_inferred_from_input_ids_when_no_mask():
+    model = tiny("mistral")
+    ids, mask = prompts(3, 8, 4)
+    assert torch.equal(specdec.generate(model, ids, max_new_tokens=10),
+                       model.generate(ids, attention_mask=mask, max_new_tokens=10))
+
+
+def test_one_token_prompt():
+    model = tiny("gpt2")
+    ids = torch.tensor([[7]])
+    assert torch.equal(specdec.generate(model, ids, prompt_lookup_num_tokens=2, max_new_tokens=8),
+                       model.generate(ids, max_new_tokens=8))

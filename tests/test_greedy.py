@@ -1,0 +1,80 @@
+"""Greedy output equals model.generate(do_sample=False), token for token, across architectures and drafters."""
+
+import pytest
+import torch
+
+import specdec
+from models import ARCHS, EOS, PAD, perturbed, prompts, tiny
+
+DRAFTERS = ["none", "draft_chain", "draft_tree", "prompt_lookup", "lookup_tree"]
+
+
+def make_drafter(kind, target):
+    draft = perturbed(target)
+    return {
+        "none": None,
+        "draft_chain": specdec.DraftModel(draft, num_draft_tokens=4),
+        "draft_tree": specdec.DraftModel(draft, num_draft_tokens=3, tree_width=2),
+        "prompt_lookup": specdec.PromptLookup(num_draft_tokens=4),
+        "lookup_tree": specdec.PromptLookup(num_draft_tokens=3, max_ngram=2, tree_width=3),
+    }[kind]
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def target(request):
+    return tiny(request.param, attn="eager" if request.param == "gemma2" else "sdpa")
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("kind", DRAFTERS)
+def test_greedy_equals_generate(target, kind, batch):
+    drafter = make_drafter(kind, target)
+    for seed, width in [(0, 5), (1, 11)]:
+        ids, mask = prompts(batch, width, seed)
+        expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=24)
+        got = specdec.generate(target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=24)
+        assert torch.equal(got, expected), f"seed {seed} width {width}"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_eos_mid_sequence_stops_each_row(arch):
+    """Rows stop at their own eos (a token the target really emits), later rows keep going, pads follow."""
+    model = tiny(arch, attn="eager")
+    ids, mask = prompts(4, 7, seed=3)
+    free = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=20, eos_token_id=None)
+    eos = [int(free[0, 7 + 4]), int(free[2, 7 + 9])]
+    expected = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=20, eos_token_id=eos)
+    assert expected.shape[1] < free.shape[1] or (expected == PAD).any(), "eos never fired: test is vacuous"
+    for drafter in [specdec.DraftModel(model, num_draft_tokens=5), specdec.PromptLookup(3)]:
+        got = specdec.generate(model, ids, attention_mask=mask, drafter=drafter, max_new_tokens=20, eos_token_id=eos)
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "qwen2"])
+def test_sliding_window_really_cuts(arch):
+    """Guards the sliding-window cases above from being vacuous: the window changes the output."""
+    windowed = tiny(arch, attn="eager")
+    wide = tiny(arch, attn="eager", sliding_window=4096)
+    ids, mask = prompts(1, 9, seed=0)
+    a = windowed.generate(ids, do_sample=False, max_new_tokens=30)
+    b = wide.generate(ids, do_sample=False, max_new_tokens=30)
+    assert not torch.equal(a, b)
+
+
+def test_identical_draft_accepts_everything():
+    model = tiny("llama")
+    ids, _ = prompts(1, 6, seed=0)
+    out = specdec.generate(model, ids, drafter=specdec.DraftModel(model, num_draft_tokens=5),
+                           max_new_tokens=24, eos_token_id=None, return_dict_in_generate=True)
+    assert out.stats.acceptance_rate == 1.0
+    assert out.stats.tau == 6.0
+    assert out.stats.target_forwards == 1 + 4  # prefill, then 24 tokens in steps of 6
+
+
+def test_eager_and_sdpa_agree():
+    ids, mask = prompts(4, 9, seed=5)
+    outs = []
+    for attn in ["eager", "sdpa"]:
+        model = tiny("qwen3", attn=attn)
+        outs.append(specdec.generate(model, ids, attention_mask=mask, prompt_lookup_num_tokens=3, max_new_tokens=20))
+    assert torch.equal(*outs)

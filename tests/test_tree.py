@@ -1,0 +1,57 @@
+"""The tree, cache and verifier pieces on hand-made inputs."""
+
+import torch
+
+from specdec.cache import TreeCache
+from specdec.tree import Tree
+from specdec.verify import accept
+
+
+def test_from_paths_merges_shared_prefixes():
+    tree = Tree.from_paths(torch.tensor([9, 8]), [[[1, 2, 3], [1, 4]], [[5]]])
+    assert tree.tokens[0].tolist() == [9, 1, 2, 3, 4]
+    assert tree.parents[0].tolist() == [-1, 0, 1, 2, 1]
+    assert tree.valid.tolist() == [[True] * 5, [True, True, False, False, False]]
+    assert tree.depth[0].tolist() == [0, 1, 2, 3, 2]
+    assert tree.ancestors[0, 3].tolist() == [True, True, True, True, False]
+    assert tree.children[0, 1].tolist() == [2, 4]
+    assert tree.children[1, 0].tolist() == [1, -1]
+
+
+def point_mass(tokens, vocab=10):
+    return torch.nn.functional.one_hot(torch.tensor(tokens), vocab).float()[None]
+
+
+def test_greedy_accepts_longest_matching_branch():
+    # root -> 1 -> 2, root -> 3 -> 4 -> 5; the target wants 3, 4, 5, then 7.
+    tree = Tree.from_paths(torch.tensor([0]), [[[1, 2], [3, 4, 5]]])
+    target = point_mass([3, 0, 0, 4, 5, 7])  # argmax after nodes 0..5
+    acc = accept(tree, target)
+    assert acc.length.tolist() == [4]
+    assert acc.path[0].tolist() == [0, 3, 4, 5]
+    assert acc.tokens[0].tolist() == [3, 4, 5, 7]
+
+
+def test_first_mismatch_gives_target_token_as_bonus():
+    tree = Tree.from_paths(torch.tensor([0]), [[[1, 2]]])
+    acc = accept(tree, point_mass([1, 6, 0]))
+    assert acc.length.tolist() == [2] and acc.tokens[0, :2].tolist() == [1, 6]
+
+
+def test_invalid_nodes_never_accepted():
+    tree = Tree.from_paths(torch.tensor([0, 0]), [[[1, 2]], [[1]]])
+    target = point_mass([1, 2, 9]).expand(2, -1, -1).clone()
+    acc = accept(tree, target)
+    assert acc.length.tolist() == [3, 2]  # row 1's padding node carries token 0, never 2
+
+
+def test_cache_compaction_keeps_each_rows_path_at_its_end():
+    cache = TreeCache(capacity=4)
+    keys = torch.arange(2 * 8, dtype=torch.float).reshape(2, 1, 8, 1)
+    cache.update(keys, keys.clone(), 0)  # grows past its capacity
+    # Row 0 ends at column 3 and keeps columns 5, 7; row 1 ends at 4 and keeps column 6.
+    cache.compact(torch.tensor([[5, 7], [6, 0]]), torch.tensor([3, 4]), torch.tensor([2, 1]))
+    layer = cache.layers[0]
+    assert cache.get_seq_length() == 5
+    assert layer.keys[0, 0, :5, 0].tolist() == [0, 1, 2, 5, 7]
+    assert layer.keys[1, 0, :5, 0].tolist() == [8, 9, 10, 11, 14]
