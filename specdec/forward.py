@@ -63,7 +63,7 @@ class Prefix:
     end: torch.Tensor  # (B,) one past the last cached column of the row
 
 
-def _visible(prefix: Prefix, cache_len: int, region_start: int, region_visible, q_pos, region_pos, window):
+def _visible(prefix: Prefix, region_start: int, region_visible, q_pos, region_pos, window):
     batch, q = q_pos.shape
     cols = torch.arange(region_start, device=q_pos.device)
     prefix_ok = (cols >= prefix.start[:, None]) & (cols < prefix.end[:, None])  # (B, C)
@@ -90,13 +90,12 @@ def forward_nodes(
     ``region_pos`` (B, R_old + Q). ``region_visible`` (B, Q, R_old + Q) says which region nodes each new
     node sees (its ancestors and itself). Every node sees at least itself, so no softmax row is empty.
     """
-    cache_len = cache.get_seq_length()
-    region_start = cache_len + tokens.shape[1] - region_visible.shape[-1]
+    region_start = cache.get_seq_length() + tokens.shape[1] - region_visible.shape[-1]
     dtype = model.dtype
     windows = layer_windows(model.config)
 
     def mask(window):
-        vis = _visible(prefix, cache_len, region_start, region_visible, positions, region_pos, window)
+        vis = _visible(prefix, region_start, region_visible, positions, region_pos, window)
         return torch.where(vis, 0.0, torch.finfo(dtype).min).to(dtype)[:, None]
 
     if isinstance(windows, dict):

@@ -23,10 +23,6 @@ class Tree:
     # deterministically, which the verifier treats as a point mass on the node's token (still lossless).
     draft_probs: torch.Tensor | None = None
 
-    @property
-    def num_nodes(self) -> int:
-        return self.tokens.shape[1]
-
     @cached_property
     def ancestors(self) -> torch.Tensor:
         """(B, N, N) bool: ``ancestors[b, i, j]`` is True when node j is node i or one of its ancestors."""
