@@ -17,6 +17,8 @@ ARCHS = {
     "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {"head_dim": 8}),
     "mistral": (tf.MistralConfig, tf.MistralForCausalLM, {"sliding_window": 7}),
     "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, {"sliding_window": 5, "head_dim": 8, "query_pre_attn_scalar": 8}),
+    "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM,
+               {"sliding_window": 5, "head_dim": 8, "query_pre_attn_scalar": 8, "sliding_window_pattern": 2}),
     "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel, {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 256}),
     "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, {}),
     "opt": (tf.OPTConfig, tf.OPTForCausalLM, {"ffn_dim": 64, "word_embed_proj_dim": 32, "max_position_embeddings": 256}),

@@ -22,7 +22,7 @@ def make_drafter(kind, target):
 
 @pytest.fixture(scope="module", params=list(ARCHS))
 def target(request):
-    return tiny(request.param, attn="eager" if request.param == "gemma2" else "sdpa")
+    return tiny(request.param, attn="eager" if request.param.startswith("gemma") else "sdpa")
 
 
 @pytest.mark.parametrize("batch", [1, 4])
@@ -50,7 +50,7 @@ def test_eos_mid_sequence_stops_each_row(arch):
         assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("arch", ["mistral", "gemma2", "qwen2"])
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3", "qwen2"])
 def test_sliding_window_really_cuts(arch):
     """Guards the sliding-window cases above from being vacuous: the window changes the output."""
     windowed = tiny(arch, attn="eager")
