@@ -54,7 +54,7 @@ def main(max_new_tokens: int = 96) -> None:
         "draft model (tree 4x2)": dict(drafter=specdec.DraftModel(draft, num_draft_tokens=4, tree_width=2)),
         "prompt lookup (10)": dict(prompt_lookup_num_tokens=10),
     }
-    reference, base_tps = None, None
+    reference = None
     print(f"{'strategy':28s} {'tok/s':>8s} {'tau':>6s} {'accept':>7s} {'target fwd':>10s} {'same text':>9s}")
     for name, kwargs in runs.items():
         start = time.perf_counter()
@@ -65,7 +65,6 @@ def main(max_new_tokens: int = 96) -> None:
             out, stats = res.sequences, res.stats
         tps = max_new_tokens / (time.perf_counter() - start)
         reference = out if reference is None else reference
-        base_tps = base_tps or tps
         tau = f"{stats.tau:.2f}" if stats else "1.00"
         acc = f"{stats.acceptance_rate:.2f}" if stats else "-"
         fwd = str(stats.target_forwards) if stats else str(max_new_tokens)

@@ -14,7 +14,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from .cache import TreeCache
-from .drafters.base import Drafter
+from .drafters.base import Drafter, require_positive
 from .drafters.draft_model import DraftModel
 from .drafters.prompt_lookup import PromptLookup
 from .forward import Prefix, check_model, forward_nodes, prefill
@@ -33,8 +33,7 @@ def _resolve_drafter(drafter, assistant_model, prompt_lookup_num_tokens) -> Draf
     if assistant_model is not None:
         return DraftModel(assistant_model)
     if prompt_lookup_num_tokens is not None:
-        if not isinstance(prompt_lookup_num_tokens, int) or prompt_lookup_num_tokens <= 0:
-            raise ValueError(f"`prompt_lookup_num_tokens` must be positive (an integer), got {prompt_lookup_num_tokens!r}.")
+        require_positive(prompt_lookup_num_tokens=prompt_lookup_num_tokens)
         return PromptLookup(num_draft_tokens=prompt_lookup_num_tokens)
     if drafter is not None and not isinstance(drafter, Drafter):
         raise TypeError(f"`drafter` must be a specdec Drafter (DraftModel, PromptLookup, ...), got {type(drafter).__name__}.")
@@ -107,12 +106,12 @@ def _sync(device):
     return time.perf_counter()
 
 
-def _new_token_count(acc, eos: tuple[int, ...], room: torch.Tensor) -> torch.Tensor:
+def _new_token_count(acc, eos: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
     """Accepted tokens each row keeps: cut after the first eos and at ``max_new_tokens``."""
     count = acc.length
-    if eos:
+    if eos.numel():
         steps = torch.arange(acc.tokens.shape[1], device=count.device)
-        is_eos = torch.isin(acc.tokens, torch.tensor(eos, device=count.device)) & (steps < count[:, None])
+        is_eos = torch.isin(acc.tokens, eos) & (steps < count[:, None])
         first = torch.where(is_eos, steps, acc.tokens.shape[1]).min(1).values
         count = torch.minimum(count, first + 1)
     return torch.minimum(count, room)
@@ -161,6 +160,7 @@ def generate(
     stats = Stats()
     seqs = Sequences.from_prompt(input_ids, mask, capacity)
     dev = input_ids.device
+    eos = torch.tensor(sampling.eos_token_ids, device=dev, dtype=torch.long)
     try:
         stats.target_forwards += prefill(
             model, cache, seqs.tokens[:, : width - 1], seqs.start, begin=cache.get_seq_length()
@@ -183,9 +183,9 @@ def generate(
             probs = sampling.probs(logits, seqs.generated[:, None] + tree.depth, seqs.end[:, None] + tree.depth)
             acc = accept(tree, probs)
             cache.compact(cache_len + acc.path, seqs.end - 1, torch.where(active, acc.length, 0))
-            count = torch.where(active, _new_token_count(acc, sampling.eos_token_ids, max_new - seqs.generated), 0)
+            count = torch.where(active, _new_token_count(acc, eos, max_new - seqs.generated), 0)
             seqs.append(acc.tokens, count)
-            hit_eos = torch.isin(seqs.last, torch.tensor(sampling.eos_token_ids, device=dev, dtype=torch.long))
+            hit_eos = torch.isin(seqs.last, eos)
             seqs.finished |= (seqs.generated >= max_new) | (hit_eos & (count > 0))
             t2 = _sync(dev)
 

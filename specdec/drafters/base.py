@@ -7,6 +7,13 @@ from ..sequences import Sequences
 from ..tree import Tree
 
 
+def require_positive(**counts) -> None:
+    """Refuse a count that is not a positive integer, naming the argument."""
+    for name, value in counts.items():
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"`{name}` must be positive (an integer), got {value!r}.")
+
+
 class Drafter:
     """Proposes a token tree rooted at each row's last token.
 

@@ -9,7 +9,7 @@ from ..forward import Prefix, check_model, extend_chains, forward_nodes, prefill
 from ..sampling import Sampling
 from ..sequences import Sequences
 from ..tree import Tree
-from .base import Drafter
+from .base import Drafter, require_positive
 
 
 class DraftModel(Drafter):
@@ -26,9 +26,7 @@ class DraftModel(Drafter):
     """
 
     def __init__(self, model, num_draft_tokens: int = 5, tree_width: int = 1):
-        for name, value in [("num_draft_tokens", num_draft_tokens), ("tree_width", tree_width)]:
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"`{name}` must be positive (an integer), got {value!r}.")
+        require_positive(num_draft_tokens=num_draft_tokens, tree_width=tree_width)
         check_model(model, "assistant_model")
         self.model = model
         self.num_draft_tokens = num_draft_tokens
@@ -92,7 +90,8 @@ class DraftModel(Drafter):
         logp = [torch.zeros(batch, 1, device=dev)]
         frontier = torch.zeros(batch, 1, dtype=torch.long, device=dev)  # nodes to expand, by index
         frontier_probs = root_probs
-        fed = []  # node indices fed to the draft this step, in cache order after `committed`
+        fed = []  # per level, the node indices fed to the draft, in cache order after `committed`
+        root_pos = (seqs.end - 1 - seqs.start)[:, None]
         n_nodes = 1
         for level in range(1, self.num_draft_tokens + 1):
             kids = self._children(frontier_probs)  # (B, F, w)
@@ -111,17 +110,18 @@ class DraftModel(Drafter):
             best = logp[-1].topk(min(w, k), dim=-1).indices
             frontier = level_ids[best]
             tree = Tree(torch.cat(tokens, 1), torch.cat(parents, 1), torch.ones(batch, n_nodes, dtype=torch.bool, device=dev))
-            fed_ids = torch.cat(fed + [frontier], 1)
             fed.append(frontier)
+            fed_ids = torch.cat(fed, 1)
+            fed_depth = torch.cat([torch.full_like(ids, d) for d, ids in enumerate(fed, start=1)], 1)
             visible = tree.ancestors[rows[:, None], frontier].gather(
                 2, fed_ids[:, None, :].expand(-1, frontier.shape[1], -1))
-            root_pos = (seqs.end - 1 - seqs.start)[:, None]
+            # Every frontier node sits at depth `level`: one position per row, no per-node gather.
             logits = forward_nodes(
-                self.model, self.cache, tree.tokens.gather(1, frontier), root_pos + tree.depth.gather(1, frontier),
-                Prefix(seqs.start, seqs.end), visible, root_pos + tree.depth.gather(1, fed_ids),
+                self.model, self.cache, tree.tokens.gather(1, frontier), (root_pos + level).expand_as(frontier),
+                Prefix(seqs.start, seqs.end), visible, root_pos + fed_depth,
             )
             self.forwards += 1
-            frontier_probs = self._probs(logits, seqs, tree.depth.gather(1, frontier))
+            frontier_probs = self._probs(logits, seqs, level)
 
         self.cache.crop(committed)
         tokens = torch.cat(tokens, 1)

@@ -6,7 +6,7 @@ import torch
 
 from ..sequences import Sequences
 from ..tree import Tree
-from .base import Drafter
+from .base import Drafter, require_positive
 
 
 class PromptLookup(Drafter):
@@ -18,10 +18,7 @@ class PromptLookup(Drafter):
     """
 
     def __init__(self, num_draft_tokens: int = 10, max_ngram: int = 3, min_ngram: int = 1, tree_width: int = 1):
-        for name, value in [("num_draft_tokens", num_draft_tokens), ("max_ngram", max_ngram),
-                            ("min_ngram", min_ngram), ("tree_width", tree_width)]:
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"`{name}` must be positive (an integer), got {value!r}.")
+        require_positive(num_draft_tokens=num_draft_tokens, max_ngram=max_ngram, min_ngram=min_ngram, tree_width=tree_width)
         if min_ngram > max_ngram:
             raise ValueError(f"`min_ngram` ({min_ngram}) must not exceed `max_ngram` ({max_ngram}).")
         self.num_draft_tokens = num_draft_tokens
