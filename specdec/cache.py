@@ -18,6 +18,8 @@ from functools import partial
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from . import attention
+
 
 class TreeLayer(DynamicLayer):
     def __init__(self, capacity: int = 256):
@@ -66,14 +68,20 @@ class TreeLayer(DynamicLayer):
         if self.is_initialized:
             self._set_length(min(max_length, self.length))
 
-    def compact(self, src: torch.Tensor, dest: torch.Tensor, length: int) -> None:
-        """Copy columns ``src`` (B, A) to columns ``dest`` (B, A), then keep ``length`` columns."""
+    def compact(self, src: torch.Tensor, dest: torch.Tensor, keep: torch.Tensor, length: int) -> None:
+        """Copy columns ``src[b, :keep[b]]`` to ``dest[b], dest[b] + 1, ...``, then keep ``length`` columns."""
         if not self.is_initialized:
             return
-        for buf in (self._k, self._v):
-            b, h, _, d = buf.shape
-            gathered = buf.gather(2, src[:, None, :, None].expand(b, h, -1, d))
-            buf.scatter_(2, dest[:, None, :, None].expand(b, h, -1, d), gathered)
+        if attention.use_kernel(self._k.device, self._k.shape[-1]):
+            from specdec.kernels.compact import compact
+
+            compact(self._k, self._v, src, dest, keep)
+        else:
+            dest_cols = dest[:, None] + torch.arange(src.shape[1], device=src.device)
+            for buf in (self._k, self._v):
+                b, h, _, d = buf.shape
+                gathered = buf.gather(2, src[:, None, :, None].expand(b, h, -1, d))
+                buf.scatter_(2, dest_cols[:, None, :, None].expand(b, h, -1, d), gathered)
         self._set_length(length)
 
 
@@ -97,10 +105,10 @@ class TreeCache(Cache):
     def compact(self, src: torch.Tensor, dest: torch.Tensor, keep: torch.Tensor) -> None:
         """Move ``keep[b]`` columns ``src[b, :keep[b]]`` of each row to ``dest[b], dest[b] + 1, ...``.
 
-        Columns past ``keep[b]`` are written too (with whatever ``src`` names there) but lie beyond the
-        row's new end, where the mask hides them; the cache is then cropped to the longest row.
+        On CUDA a Triton kernel copies exactly the kept columns, once. The reference path also writes
+        the columns past ``keep[b]`` (with whatever ``src`` names there); they lie beyond the row's new
+        end, where attention never looks. The cache is then cropped to the longest row.
         """
-        dest_cols = dest[:, None] + torch.arange(src.shape[1], device=src.device)
         length = int((dest + keep).max())
         for layer in self.layers:
-            layer.compact(src, dest_cols, length)
+            layer.compact(src, dest, keep, length)

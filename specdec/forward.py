@@ -2,9 +2,10 @@
 
 This is the seam where the verifier's attention happens. It plugs into the model's own code through
 transformers' extension points only: a custom :class:`~specdec.cache.TreeCache`, explicit per-node
-``position_ids`` (root position + depth), and 4D float masks (0 / finfo.min), which transformers' mask
-creation passes through unchanged to eager and SDPA attention. Models with several layer types (Gemma2,
-Qwen2 with sliding layers) receive one mask per type, as their own forward builds them.
+``position_ids`` (root position + depth), and either the Triton tree kernel registered as an attention
+function (see :mod:`specdec.attention`; on CUDA) or 4D float masks (0 / finfo.min), which transformers'
+mask creation passes through unchanged to eager and SDPA attention. Models with several layer types
+(Gemma2, Qwen2 with sliding layers) receive one mask per type, as their own forward builds them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from . import attention
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -91,6 +94,13 @@ def forward_nodes(
     node sees (its ancestors and itself). Every node sees at least itself, so no softmax row is empty.
     """
     region_start = cache.get_seq_length() + tokens.shape[1] - region_visible.shape[-1]
+    inputs = dict(input_ids=tokens, position_ids=positions, past_key_values=cache, use_cache=True)
+    if attention.use_kernel(tokens.device, attention.head_dim(model.config)):
+        tree = attention.TreeInputs.build(prefix.start, prefix.end, region_start, region_visible, positions,
+                                          region_pos)
+        with attention.kernel_attention(model):
+            return model(**inputs, tree=tree).logits
+
     dtype = model.dtype
     windows = layer_windows(model.config)
 
@@ -102,14 +112,7 @@ def forward_nodes(
         attention_mask = {kind: mask(window) for kind, window in windows.items()}
     else:
         attention_mask = mask(windows)
-    out = model(
-        input_ids=tokens,
-        attention_mask=attention_mask,
-        position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
-    )
-    return out.logits
+    return model(**inputs, attention_mask=attention_mask).logits
 
 
 def prefill(model, cache, tokens: torch.Tensor, start: torch.Tensor, begin: int = 0, chunk: int = 512) -> int:
