@@ -86,7 +86,8 @@ def forward_nodes(
     region_visible: torch.Tensor,
     region_pos: torch.Tensor,
 ) -> torch.Tensor:
-    """Run ``model`` on ``tokens`` (B, Q) appended to ``cache``; returns logits (B, Q, V).
+    """Run ``model`` on ``tokens`` (B, Q) appended to ``cache``; returns logits (B, Q, V). ``tokens`` may
+    also be input embeddings (B, Q, E), as an EAGLE head is fed.
 
     Keys are the cache's ``prefix`` columns, then a *region*: columns from ``region_start = cache length -
     R_old`` onward, holding R_old nodes fed by earlier calls and the Q new ones, at positions
@@ -94,7 +95,8 @@ def forward_nodes(
     node sees (its ancestors and itself). Every node sees at least itself, so no softmax row is empty.
     """
     region_start = cache.get_seq_length() + tokens.shape[1] - region_visible.shape[-1]
-    inputs = dict(input_ids=tokens, position_ids=positions, past_key_values=cache, use_cache=True)
+    inputs = dict(position_ids=positions, past_key_values=cache, use_cache=True)
+    inputs["input_ids" if tokens.dtype == torch.long else "inputs_embeds"] = tokens
     if attention.use_kernel(tokens.device, attention.head_dim(model.config)):
         tree = attention.TreeInputs.build(prefix.start, prefix.end, region_start, region_visible, positions,
                                           region_pos)
@@ -118,7 +120,7 @@ def forward_nodes(
 def prefill(model, cache, tokens: torch.Tensor, start: torch.Tensor, begin: int = 0, chunk: int = 512) -> int:
     """Feed columns ``[begin, W)`` of left-padded ``tokens`` (B, W) into a cache holding columns
     ``[0, begin)``, in chunks so the mask stays (chunk x W) rather than (W x W). Returns the passes run."""
-    batch, width = tokens.shape
+    batch, width = tokens.shape[:2]
     cols = torch.arange(width, device=tokens.device)
     positions = (cols[None, :] - start[:, None]).clamp(min=0)
     real = cols[None, :] >= start[:, None]

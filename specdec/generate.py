@@ -13,6 +13,7 @@ import time
 import torch
 from transformers.cache_utils import DynamicCache
 
+from . import features
 from .cache import TreeCache
 from .drafters.base import Drafter, require_positive
 from .drafters.draft_model import DraftModel
@@ -154,6 +155,12 @@ def generate(
     mask = _resolve_mask(input_ids, attention_mask, pad, sampling.eos_token_ids)
     if drafter is not None:
         drafter.check(model)
+    want_features = drafter is not None and drafter.wants_features
+    if want_features and past_key_values is not None:
+        raise ValueError(
+            f"{type(drafter).__name__} drafts from the target's features of the whole prompt, which a "
+            f"prefilled `past_key_values` skips; pass the prompt without `past_key_values`."
+        )
     capacity = width + max_new + 64
     cache = _resolve_cache(past_key_values, input_ids, capacity)
 
@@ -162,9 +169,12 @@ def generate(
     dev = input_ids.device
     eos = torch.tensor(sampling.eos_token_ids, device=dev, dtype=torch.long)
     try:
-        stats.target_forwards += prefill(
-            model, cache, seqs.tokens[:, : width - 1], seqs.start, begin=cache.get_seq_length()
-        )
+        with features.capture(model, want_features) as captured:
+            stats.target_forwards += prefill(
+                model, cache, seqs.tokens[:, : width - 1], seqs.start, begin=cache.get_seq_length()
+            )
+        if captured:
+            seqs.write_features(torch.zeros_like(seqs.end), torch.cat(captured, 1), torch.full_like(seqs.end, width - 1))
         if drafter is not None:
             drafter.begin(model, seqs, sampling)
         if streamer is not None:
@@ -177,13 +187,17 @@ def generate(
             cache_len = cache.get_seq_length()
             root_pos = (seqs.end - 1 - seqs.start)[:, None]
             positions = root_pos + tree.depth
-            logits = forward_nodes(
-                model, cache, tree.tokens, positions, Prefix(seqs.start, seqs.end - 1), tree.ancestors, positions
-            )
+            with features.capture(model, want_features) as captured:
+                logits = forward_nodes(
+                    model, cache, tree.tokens, positions, Prefix(seqs.start, seqs.end - 1), tree.ancestors, positions
+                )
             probs = sampling.probs(logits, seqs.generated[:, None] + tree.depth, seqs.end[:, None] + tree.depth)
             acc = accept(tree, probs)
             cache.compact(cache_len + acc.path, seqs.end - 1, torch.where(active, acc.length, 0))
             count = torch.where(active, _new_token_count(acc, eos, max_new - seqs.generated), 0)
+            if captured:
+                path_features = captured[0].gather(1, acc.path[..., None].expand(-1, -1, captured[0].shape[-1]))
+                seqs.write_features(seqs.end - 1, path_features, count)
             seqs.append(acc.tokens, count)
             hit_eos = torch.isin(seqs.last, eos)
             seqs.finished |= (seqs.generated >= max_new) | (hit_eos & (count > 0))

@@ -1,4 +1,6 @@
-"""The batch's token buffer: left-padded prompts followed by what each row has generated so far."""
+"""The batch's token buffer: left-padded prompts followed by what each row has generated so far, and, for
+drafters that read them, the target's feature at each column (the hidden state that predicted the next
+token), kept alongside in the same layout."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ class Sequences:
     end: torch.Tensor  # (B,) one past each row's last token
     prompt_length: int  # padded prompt width: generation starts at this column in every row
     finished: torch.Tensor  # (B,) bool
+    features: torch.Tensor | None = None  # (B, capacity, H) once written; column c holds the target's f_c
 
     @classmethod
     def from_prompt(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor, capacity: int) -> "Sequences":
@@ -37,19 +40,36 @@ class Sequences:
     def generated(self) -> torch.Tensor:
         return self.end - self.prompt_length
 
+    def _reserve(self, needed: int) -> None:
+        capacity = self.tokens.shape[1]
+        if needed <= capacity:
+            return
+        capacity = max(needed, 2 * capacity)
+        self.tokens = torch.nn.functional.pad(self.tokens, (0, capacity - self.tokens.shape[1]))
+        if self.features is not None:
+            self.features = torch.nn.functional.pad(self.features, (0, 0, 0, capacity - self.features.shape[1]))
+
+    def write_features(self, first: torch.Tensor, values: torch.Tensor, count: torch.Tensor) -> None:
+        """Store ``values[b, :count[b]]`` (B, W, H) at columns ``first[b], first[b] + 1, ...``."""
+        self._reserve(int((first + values.shape[1]).max()))
+        if self.features is None:
+            self.features = values.new_zeros(*self.tokens.shape, values.shape[-1])
+        self._scatter(self.features, first, values, count)
+
     def append(self, new: torch.Tensor, count: torch.Tensor) -> None:
         """Write ``new[b, :count[b]]`` after each row's end."""
-        width = new.shape[1]
-        needed = int((self.end + width).max())
-        if needed > self.tokens.shape[1]:
-            grown = self.tokens.new_zeros(self.tokens.shape[0], max(needed, 2 * self.tokens.shape[1]))
-            grown[:, : self.tokens.shape[1]] = self.tokens
-            self.tokens = grown
-        cols = self.end[:, None] + torch.arange(width, device=new.device)
-        keep = torch.arange(width, device=new.device)[None, :] < count[:, None]
-        current = self.tokens.gather(1, cols)
-        self.tokens.scatter_(1, cols, torch.where(keep, new, current))
+        self._reserve(int((self.end + new.shape[1]).max()))
+        self._scatter(self.tokens, self.end, new, count)
         self.end = self.end + count
+
+    @staticmethod
+    def _scatter(buffer: torch.Tensor, first: torch.Tensor, values: torch.Tensor, count: torch.Tensor) -> None:
+        steps = torch.arange(values.shape[1], device=values.device)
+        cols = first[:, None] + steps
+        keep = steps[None, :] < count[:, None]
+        if buffer.dim() == 3:
+            cols, keep = cols[..., None].expand_as(values), keep[..., None]
+        buffer.scatter_(1, cols, torch.where(keep, values, buffer.gather(1, cols)))
 
     def row(self, b: int) -> torch.Tensor:
         return self.tokens[b, self.start[b] : self.end[b]]

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 import specdec
+from specdec import heads
 from models import ARCHS, EOS, PAD, perturbed, prompts, tiny
 
-DRAFTERS = ["none", "draft_chain", "draft_tree", "prompt_lookup", "lookup_tree"]
+DRAFTERS = ["none", "draft_chain", "draft_tree", "prompt_lookup", "lookup_tree", "medusa", "eagle"]
 
 
 def make_drafter(kind, target):
@@ -17,6 +18,8 @@ def make_drafter(kind, target):
         "draft_tree": specdec.DraftModel(draft, num_draft_tokens=3, tree_width=2),
         "prompt_lookup": specdec.PromptLookup(num_draft_tokens=4),
         "lookup_tree": specdec.PromptLookup(num_draft_tokens=3, max_ngram=2, tree_width=3),
+        "medusa": heads.Medusa(heads.MedusaHeads(target, num_heads=3), top_k=(3, 2, 1)),
+        "eagle": heads.Eagle(heads.EagleHead(target), top_k=3, depth=4, total_tokens=12),
     }[kind]
 
 

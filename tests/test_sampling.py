@@ -16,6 +16,7 @@ from transformers.generation.logits_process import (
 )
 
 import specdec
+from specdec import heads
 from models import perturbed, tiny
 
 V, ROWS = 8, 6000
@@ -85,13 +86,15 @@ SETTINGS = [
 
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=["plain", "temp_topk", "temp_topp"])
-@pytest.mark.parametrize("kind", ["chain", "tree", "lookup"])
+@pytest.mark.parametrize("kind", ["chain", "tree", "lookup", "medusa", "eagle"])
 def test_sampling_matches_target_distribution(pair, kind, settings):
     target, draft = pair
     drafter = {
         "chain": specdec.DraftModel(draft, num_draft_tokens=3),
         "tree": specdec.DraftModel(draft, num_draft_tokens=2, tree_width=3),
         "lookup": specdec.PromptLookup(num_draft_tokens=3, tree_width=2),
+        "medusa": heads.Medusa(heads.MedusaHeads(target, num_heads=2), top_k=(2, 2)),
+        "eagle": heads.Eagle(heads.EagleHead(target), top_k=4, depth=3, total_tokens=10),
     }[kind]
     samples, stats = sample_first_two(target, drafter, settings, seed=1234)
     # Both branches of the rejection rule must be exercised, or the test would prove little.

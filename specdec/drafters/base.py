@@ -24,6 +24,9 @@ class Drafter:
     """
 
     forwards: int = 0  # model forward passes spent drafting in the current call
+    # True for drafters that read the target's features (``Sequences.features``): the engine then
+    # captures them in every target pass, the prompt's included.
+    wants_features: bool = False
 
     def check(self, target) -> None:
         pass

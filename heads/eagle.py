@@ -1,0 +1,177 @@
+"""An EAGLE-style head: one decoder layer of the target's own architecture that runs autoregressively on
+the target's features, and drafts a dynamic tree as EAGLE-2 does.
+
+At cache column c the head reads the pair (feature f_c, embedding of token x_{c+1}) through a linear
+``fc`` and predicts the next feature f_{c+1}, which the target's own LM head reads out as the
+distribution of x_{c+2}. The decoder layer is built by transformers from the target's config (one
+layer, full attention), so the head runs through the same cache, mask and kernel path as any model; the
+target's embedding and LM head are borrowed, not copied.
+
+Drafting (EAGLE-2): the pair ending at the root gives the first level; each level expands the ``top_k``
+best nodes by cumulative log-probability, each with its ``top_k`` most likely children, and feeds them
+with the features the head predicted for their parents. All candidates are ranked at the end and the
+best ``total_tokens`` form the tree; a child never outranks its parent, so the kept set is a tree.
+Drafts are deterministic, so sampling stays lossless through point-mass proposals.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from specdec import features
+from specdec.cache import TreeCache
+from specdec.drafters.base import Drafter, require_positive
+from specdec.forward import Prefix, extend_chains, forward_nodes, prefill
+from specdec.sampling import Sampling
+from specdec.sequences import Sequences
+from specdec.tree import Tree
+
+from .target import Borrowed, check_fingerprint, feature_size, fingerprint
+
+
+def decoder_config(config):
+    """The target's config cut to one full-attention layer."""
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = 1
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = ["full_attention"]
+    if getattr(config, "sliding_window", None) is not None:
+        config.sliding_window = None
+    if getattr(config, "use_sliding_window", False):
+        config.use_sliding_window = False
+    return config
+
+
+class EagleHead(nn.Module):
+    kind = "eagle"
+
+    def __init__(self, target):
+        super().__init__()
+        self.options = {}
+        self.target_fingerprint = fingerprint(target)
+        embed = target.get_input_embeddings()
+        self.decoder = AutoModelForCausalLM.from_config(decoder_config(target.config))
+        self.decoder.set_input_embeddings(Borrowed(embed))
+        self.decoder.set_output_embeddings(Borrowed(target.get_output_embeddings()))
+        self.fc = nn.Linear(feature_size(target) + embed.weight.shape[1], embed.weight.shape[1])
+        self.decoder.eval()
+
+    def inputs(self, feats: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+        """The decoder's input embeddings for pairs (f_c, x_{c+1}): (B, Q, H) and (B, Q) -> (B, Q, E)."""
+        embeds = self.decoder.get_input_embeddings()(next_tokens)
+        return self.fc(torch.cat([feats.to(embeds.dtype), embeds], dim=-1))
+
+    def forward(self, feats, next_tokens, position_ids=None, attention_mask=None):
+        """Teacher-forced pass over whole sequences (training): returns (predicted features, logits),
+        both (B, Q, ...), for f_{c+1} and x_{c+2}."""
+        with features.capture(self.decoder) as captured:
+            logits = self.decoder(inputs_embeds=self.inputs(feats, next_tokens), position_ids=position_ids,
+                                  attention_mask=attention_mask).logits
+        return captured[0], logits
+
+
+class Eagle(Drafter):
+    wants_features = True
+
+    def __init__(self, head: EagleHead, top_k: int = 8, depth: int = 5, total_tokens: int = 48):
+        require_positive(top_k=top_k, depth=depth, total_tokens=total_tokens)
+        self.head = head
+        self.top_k, self.depth, self.total_tokens = top_k, depth, total_tokens
+        self.cache = None
+
+    def check(self, target) -> None:
+        check_fingerprint(self.head.target_fingerprint, target, "This EAGLE head")
+
+    def begin(self, target, seqs: Sequences, sampling: Sampling) -> None:
+        self.forwards = 0
+        self.cache = TreeCache(seqs.tokens.shape[1])
+        # Pairs (f_c, x_{c+1}) for every column whose feature is known, except the last: propose feeds it.
+        self.cached_end = torch.full_like(seqs.end, max(seqs.prompt_length - 2, 0))
+        width = int(self.cached_end[0])
+        if width:
+            pairs = self.head.inputs(seqs.features[:, :width], seqs.tokens[:, 1 : width + 1])
+            self.forwards += prefill(self.head.decoder, self.cache, pairs, seqs.start)
+
+    def end(self) -> None:
+        self.cache = None
+
+    def _run(self, fn, *args):
+        with features.capture(self.head.decoder) as captured:
+            logits = fn(self.head.decoder, self.cache, *args)
+        self.forwards += 1
+        return logits.float().log_softmax(-1), captured[0]
+
+    @torch.no_grad()
+    def propose(self, seqs: Sequences) -> Tree:
+        batch, dev, k = seqs.end.shape[0], seqs.end.device, self.top_k
+        rows = torch.arange(batch, device=dev)[:, None]
+
+        # Catch up on the pairs whose features the last verification produced; the last one is the root's.
+        count = seqs.end - 1 - self.cached_end
+        if int(count.max()) <= 0:
+            return Tree.root_only(seqs.last)
+        cols = (self.cached_end[:, None] + torch.arange(int(count.max()), device=dev)).clamp(max=seqs.end.max() - 2)
+        pairs = self.head.inputs(seqs.features.gather(1, cols[..., None].expand(-1, -1, seqs.features.shape[-1])),
+                                 seqs.tokens.gather(1, cols + 1))
+        logp, feats = self._run(extend_chains, pairs, count, Prefix(seqs.start, self.cached_end))
+        last = (count - 1).clamp(min=0)[:, None]
+        self.cached_end = seqs.end - 1
+        committed = self.cache.get_seq_length()
+
+        # Candidate pool, level by level: tokens, parent (pool index, 0 = root) and score (float64, so the
+        # small depth penalty always breaks parent-child ties in the parent's favour).
+        top = logp[rows, last].squeeze(1).clamp(min=-1e4).double().topk(k, dim=-1)
+        pool_tokens, pool_parents, pool_scores = [top.indices], [torch.zeros_like(top.indices)], [top.values]
+        parent_feats = feats[rows, last].expand(-1, k, -1)  # what each frontier node is fed with
+        frontier = torch.arange(1, k + 1, device=dev).expand(batch, -1)  # pool indices of the nodes to feed
+        parent_slot = None  # each frontier node's parent among the fed nodes (None: the root)
+        seen = torch.zeros(batch, 0, 0, dtype=torch.bool, device=dev)  # fed node i sees fed node j
+        fed_pos = []
+        root_pos = (seqs.end - 2 - seqs.start)[:, None]
+        size = 1 + k
+        for level in range(1, self.depth):
+            fed = seen.shape[1]
+            width = frontier.shape[1]
+            inherited = (seen.new_zeros(batch, width, fed) if parent_slot is None
+                         else seen.gather(1, parent_slot[..., None].expand(-1, -1, fed)))
+            own = torch.eye(width, dtype=torch.bool, device=dev).expand(batch, -1, -1)
+            new_rows = torch.cat([inherited, own], -1)
+            seen = torch.cat([torch.nn.functional.pad(seen, (0, width)), new_rows], 1)
+            fed_pos.append((root_pos + level).expand(-1, width))
+            tokens = torch.cat([seqs.last[:, None]] + pool_tokens, 1)
+            logp, feats = self._run(
+                forward_nodes, self.head.inputs(parent_feats, tokens.gather(1, frontier)), fed_pos[-1],
+                Prefix(seqs.start, seqs.end - 1), new_rows, torch.cat(fed_pos, 1),
+            )
+            kids = logp.clamp(min=-1e4).double().topk(k, dim=-1)  # (B, F, k)
+            scores = torch.cat([torch.zeros_like(pool_scores[0][:, :1])] + pool_scores, 1)
+            kid_scores = (scores.gather(1, frontier)[..., None] + kids.values - 1e-6).flatten(1)
+            pool_tokens.append(kids.indices.flatten(1))
+            pool_parents.append(frontier[..., None].expand(-1, -1, k).flatten(1))
+            pool_scores.append(kid_scores)
+            best = kid_scores.topk(k, dim=-1).indices
+            frontier = size + best
+            parent_slot = fed + best // k
+            parent_feats = feats.gather(1, (best // k)[..., None].expand(-1, -1, feats.shape[-1]))
+            size += kid_scores.shape[1]
+        self.cache.crop(committed)
+
+        tokens = torch.cat(pool_tokens, 1)
+        scores = torch.cat(pool_scores, 1)
+        parents = torch.cat(pool_parents, 1)
+        keep = scores.topk(min(self.total_tokens, scores.shape[1]), dim=-1).indices.sort(dim=-1).values
+        # Pool index order is topological, so sorted kept indices are too; renumber parents into the tree.
+        new_index = torch.zeros(batch, size, dtype=torch.long, device=dev)
+        new_index.scatter_(1, keep + 1, torch.arange(1, keep.shape[1] + 1, device=dev).expand(batch, -1))
+        tree_parents = new_index.gather(1, parents.gather(1, keep))
+        valid = (~seqs.finished)[:, None].expand(-1, keep.shape[1] + 1).clone()
+        valid[:, 0] = True
+        return Tree(
+            tokens=torch.cat([seqs.last[:, None], tokens.gather(1, keep)], 1),
+            parents=torch.cat([torch.full((batch, 1), -1, device=dev), tree_parents], 1),
+            valid=valid,
+        )

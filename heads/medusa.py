@@ -1,0 +1,107 @@
+"""Medusa heads: K residual blocks over the target's last feature, head k predicting the token k+1 places
+past the one the target's LM head predicts, all read out through the target's own LM head.
+
+The drafter turns the heads' top-k tokens into a tree: the Cartesian product of ``top_k[k]`` choices at
+depth k+1, or a sparse ``tree`` of index paths (Medusa's "choices": ``(0, 1)`` is head 1's best token
+followed by head 2's second best). The tree's shape is fixed, so it is built once and only its tokens
+change per step. Drafts are deterministic, so sampling stays lossless through point-mass proposals.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+
+from specdec.drafters.base import Drafter, require_positive
+from specdec.sequences import Sequences
+from specdec.tree import Tree
+
+from .target import Borrowed, check_fingerprint, feature_size, fingerprint
+
+
+class ResBlock(nn.Module):
+    """x + SiLU(W x + b), with W = 0 at initialisation so an untrained head starts as the identity."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.linear = nn.Linear(size, size)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x):
+        return x + nn.functional.silu(self.linear(x))
+
+
+class MedusaHeads(nn.Module):
+    kind = "medusa"
+
+    def __init__(self, target, num_heads: int = 4, num_layers: int = 1):
+        super().__init__()
+        require_positive(num_heads=num_heads, num_layers=num_layers)
+        size = feature_size(target)
+        self.options = {"num_heads": num_heads, "num_layers": num_layers}
+        self.target_fingerprint = fingerprint(target)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(*(ResBlock(size) for _ in range(num_layers))) for _ in range(num_heads)
+        )
+        self.lm_head = Borrowed(target.get_output_embeddings())
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.blocks)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Features (..., H) -> logits (..., K, V); head k predicts the token k + 2 places after the feature's."""
+        return self.lm_head(torch.stack([block(features) for block in self.blocks], dim=-2))
+
+
+def cartesian_paths(top_k) -> list[tuple[int, ...]]:
+    """Every combination of the first ``top_k[d]`` choices at each depth, as index paths."""
+    paths = []
+    for depth in range(1, len(top_k) + 1):
+        paths += itertools.product(*(range(k) for k in top_k[:depth]))
+    return paths
+
+
+class Medusa(Drafter):
+    wants_features = True
+
+    def __init__(self, heads: MedusaHeads, top_k=None, tree=None):
+        if top_k is not None and tree is not None:
+            raise ValueError("Pass `top_k` (a Cartesian tree) or `tree` (index paths), not both.")
+        if tree is None:
+            top_k = tuple(top_k) if top_k is not None else (3, 2, 2, 1)[: heads.num_heads]
+            require_positive(**{f"top_k[{i}]": k for i, k in enumerate(top_k)})
+            tree = cartesian_paths(top_k)
+        tree = sorted({tuple(p) for p in tree}, key=lambda p: (len(p), p))
+        for path in tree:
+            if not path or len(path) > heads.num_heads or min(path) < 0 or (len(path) > 1 and path[:-1] not in tree):
+                raise ValueError(
+                    f"`tree` path {path} is invalid: paths are non-empty tuples of top-k indices, at most "
+                    f"{heads.num_heads} long (one per head), and every prefix of a path must be a path too."
+                )
+        self.heads = heads
+        index = {path: i + 1 for i, path in enumerate(tree)}
+        self.parents = torch.tensor([-1] + [index.get(p[:-1], 0) for p in tree])
+        self.depths = torch.tensor([0] + [len(p) - 1 for p in tree])  # which head drafts each node
+        self.ranks = torch.tensor([0] + [p[-1] for p in tree])
+        self.k = max(p[-1] for p in tree) + 1
+
+    def check(self, target) -> None:
+        check_fingerprint(self.heads.target_fingerprint, target, "These Medusa heads")
+
+    @torch.no_grad()
+    def propose(self, seqs: Sequences) -> Tree:
+        batch, dev = seqs.end.shape[0], seqs.end.device
+        rows = torch.arange(batch, device=dev)
+        # The feature that predicted the root: the target's last hidden state before it.
+        feature = seqs.features[rows, (seqs.end - 2).clamp(min=0)]
+        top = self.heads(feature).topk(self.k, dim=-1).indices  # (B, K, k)
+        depths, ranks = self.depths.to(dev), self.ranks.to(dev)
+        tokens = top[:, depths, ranks]
+        tokens[:, 0] = seqs.last
+        valid = (~seqs.finished)[:, None].expand_as(tokens).clone()
+        valid[:, 0] = True
+        return Tree(tokens=tokens, parents=self.parents.to(dev).expand(batch, -1), valid=valid)

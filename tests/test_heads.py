@@ -1,0 +1,171 @@
+"""Medusa and EAGLE heads as drafters: feature plumbing, tree construction, storage, target checks.
+
+Greedy equality and sampling losslessness for both drafters run with the others in test_greedy.py and
+test_sampling.py; training is tested in test_train_heads.py.
+"""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import specdec
+from models import perturbed, prompts, tiny
+from specdec import features, heads
+from specdec.drafters.base import Drafter
+from specdec.sampling import Sampling
+from specdec.sequences import Sequences
+
+
+class Spy(Drafter):
+    """Wraps a drafter and keeps the batch's sequences, to look at the features the engine stored."""
+
+    wants_features = True
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def begin(self, target, seqs, sampling):
+        self.seqs = seqs
+        self.inner.begin(target, seqs, sampling)
+
+    def propose(self, seqs):
+        return self.inner.propose(seqs)
+
+    def end(self):
+        self.inner.end()
+
+
+def target_features(model, row: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad(), features.capture(model) as got:
+        model(row[None])
+    return got[0][0]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_engine_stores_the_target_features_of_every_accepted_token(arch):
+    model = tiny(arch, attn="eager")
+    ids, mask = prompts(4, 9, seed=2)
+    spy = Spy(heads.Eagle(heads.EagleHead(model), top_k=3, depth=3, total_tokens=8))
+    out = specdec.generate(model, ids, attention_mask=mask, drafter=spy, max_new_tokens=20, eos_token_id=None)
+    seqs = spy.seqs
+    for b in range(4):
+        start, end = int(seqs.start[b]), int(seqs.end[b])
+        assert torch.equal(seqs.tokens[b, start:end], out[b, start:end])
+        want = target_features(model, out[b, start:end])[:-1]  # the last token's feature is not known yet
+        torch.testing.assert_close(seqs.features[b, start : end - 1], want, atol=1e-5, rtol=1e-4)
+
+
+def first_proposal(drafter, model, ids):
+    """Prefill the target as generate does, then one proposal for the prompt ``ids`` (1, W)."""
+    seqs = Sequences.from_prompt(ids, torch.ones_like(ids), 64)
+    seqs.write_features(torch.zeros(1, dtype=torch.long), target_features(model, ids[0])[None, :-1],
+                        torch.tensor([ids.shape[1] - 1]))
+    drafter.begin(model, seqs, Sampling.from_config(model.generation_config))
+    return drafter.propose(seqs), seqs
+
+
+def test_eagle_drafts_what_the_teacher_forced_head_predicts():
+    """The cached, level-by-level drafting path must compute what training computes in one pass."""
+    model = tiny("llama")
+    head = heads.EagleHead(model)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    ids, _ = prompts(1, 10, seed=4)
+    tree, seqs = first_proposal(heads.Eagle(head, top_k=3, depth=2, total_tokens=12), model, ids)
+    feats = target_features(model, ids[0])[None]
+    with torch.no_grad():
+        predicted, logits = head(feats[:, :-1], ids[:, 1:])
+    level1 = logits[0, -1].topk(3).indices
+    assert tree.tokens[0, 1:4].tolist() == level1.tolist()
+    # The best first-level node's children come from feeding it with the feature predicted at the root.
+    best = int(level1[0])
+    with torch.no_grad():
+        _, logits2 = head(torch.cat([feats[:, :-1], predicted[:, -1:]], 1), torch.cat([ids[:, 1:], torch.tensor([[best]])], 1))
+    children = tree.tokens[0][tree.parents[0] == 1].tolist()
+    assert children == logits2[0, -1].topk(3).indices.tolist()
+
+
+def test_eagle_keeps_the_best_nodes_as_a_tree():
+    model = tiny("llama")
+    tree, _ = first_proposal(heads.Eagle(heads.EagleHead(model), top_k=4, depth=4, total_tokens=10), model,
+                             prompts(1, 8, seed=1)[0])
+    assert tree.tokens.shape == (1, 11)
+    parents = tree.parents[0].tolist()
+    assert parents[0] == -1 and all(0 <= p < i for i, p in enumerate(parents) if i)
+    assert int(tree.depth.max()) >= 2
+
+
+def test_medusa_tree_shapes_and_drafts():
+    model = tiny("llama")
+    medusa = heads.MedusaHeads(model, num_heads=3)
+    assert heads.Medusa(medusa, top_k=(3, 2, 2)).parents.shape[0] == 1 + 3 + 6 + 12
+    sparse = heads.Medusa(medusa, tree=[(0,), (1,), (0, 0), (0, 1), (0, 0, 0)])
+    assert sparse.parents.tolist() == [-1, 0, 0, 1, 1, 3]
+    ids, _ = prompts(1, 8, seed=3)
+    tree, seqs = first_proposal(sparse, model, ids)
+    with torch.no_grad():
+        top = medusa(seqs.features[0, 6]).topk(2, dim=-1).indices  # the feature that predicted the root
+    assert tree.tokens[0].tolist() == [int(ids[0, -1]), top[0, 0], top[0, 1], top[1, 0], top[1, 1], top[2, 0]]
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(top_k=(2, 2), tree=[(0,)]), "not both"),
+    (dict(tree=[(0, 1)]), "prefix"),
+    (dict(tree=[(0,), (0, 0), (0, 0, 0), (0, 0, 0, 0)]), "at most 3"),
+    (dict(top_k=(2, 0)), "top_k\\[1\\]"),
+])
+def test_medusa_refuses_bad_trees(options, match):
+    with pytest.raises(ValueError, match=match):
+        heads.Medusa(heads.MedusaHeads(tiny("llama"), num_heads=3), **options)
+
+
+@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+def test_save_load_round_trip(tmp_path, kind):
+    model = tiny("llama")
+    head = heads.build(kind, model)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    heads.save(head, tmp_path, training={"steps": 3})
+    loaded = heads.load_head(tmp_path, model)
+    assert head.state_dict().keys() == loaded.state_dict().keys()
+    assert all(torch.equal(a, loaded.state_dict()[k]) for k, a in head.state_dict().items())
+    assert not any("embed" in k or "lm_head" in k for k in head.state_dict()), "the target's weights were saved"
+    ids, mask = prompts(2, 7, seed=0)
+    outs = [specdec.generate(model, ids, attention_mask=mask, max_new_tokens=12, return_dict_in_generate=True,
+                             drafter=d).stats.accepted_tokens
+            for d in (heads.store.KINDS[kind][1](head), heads.load(tmp_path, model))]
+    assert outs[0] == outs[1]
+
+
+def test_loading_for_another_target_is_refused(tmp_path):
+    model = tiny("llama")
+    heads.save(heads.build("medusa", model), tmp_path)
+    with pytest.raises(ValueError, match="LM head weights differ"):
+        heads.load(tmp_path, tiny("llama", seed=5))
+    with pytest.raises(ValueError, match="hidden_size=32.*hidden_size=64"):
+        heads.load(tmp_path, tiny("llama", hidden_size=64))
+    with pytest.raises(ValueError, match="architecture"):
+        heads.load(tmp_path, tiny("qwen3"))
+    with pytest.raises(FileNotFoundError, match="No saved heads"):
+        heads.load(tmp_path / "missing", model)
+    # A model loaded in another precision is still the same target.
+    heads.load(tmp_path, perturbed(model, scale=0.0).to(torch.bfloat16))
+
+
+def test_drafting_for_another_target_is_refused_before_anything_runs():
+    model, other = tiny("llama"), tiny("llama", seed=7)
+    drafter = heads.Medusa(heads.MedusaHeads(model))
+    ids, _ = prompts(1, 5, seed=0)
+    with pytest.raises(ValueError, match="Medusa heads were trained for another"):
+        specdec.generate(other, ids, drafter=drafter, max_new_tokens=4)
+
+
+def test_feature_drafters_refuse_a_prefilled_cache():
+    model = tiny("llama")
+    ids, _ = prompts(1, 6, seed=0)
+    cache = DynamicCache()
+    model(ids[:, :3], past_key_values=cache)
+    with pytest.raises(ValueError, match="past_key_values"):
+        specdec.generate(model, ids, drafter=heads.Eagle(heads.EagleHead(model)), past_key_values=cache)
