@@ -30,7 +30,7 @@ from specdec.sampling import Sampling
 from specdec.sequences import Sequences
 from specdec.tree import Tree
 
-from .target import Borrowed, check_fingerprint, feature_size, fingerprint
+from .target import Borrowed, check_device, check_fingerprint, feature_size, fingerprint
 
 
 def decoder_config(config):
@@ -59,6 +59,7 @@ class EagleHead(nn.Module):
         self.decoder.set_output_embeddings(Borrowed(target.get_output_embeddings()))
         self.fc = nn.Linear(feature_size(target) + embed.weight.shape[1], embed.weight.shape[1])
         self.decoder.eval()
+        self.to(target.device, target.dtype)
 
     def inputs(self, feats: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
         """The decoder's input embeddings for pairs (f_c, x_{c+1}): (B, Q, H) and (B, Q) -> (B, Q, E)."""
@@ -85,6 +86,7 @@ class Eagle(Drafter):
 
     def check(self, target) -> None:
         check_fingerprint(self.head.target_fingerprint, target, "This EAGLE head")
+        check_device(self.head, target)
 
     def begin(self, target, seqs: Sequences, sampling: Sampling) -> None:
         self.forwards = 0

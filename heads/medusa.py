@@ -18,7 +18,7 @@ from specdec.drafters.base import Drafter, require_positive
 from specdec.sequences import Sequences
 from specdec.tree import Tree
 
-from .target import Borrowed, check_fingerprint, feature_size, fingerprint
+from .target import Borrowed, check_device, check_fingerprint, feature_size, fingerprint
 
 
 class ResBlock(nn.Module):
@@ -47,6 +47,7 @@ class MedusaHeads(nn.Module):
             nn.Sequential(*(ResBlock(size) for _ in range(num_layers))) for _ in range(num_heads)
         )
         self.lm_head = Borrowed(target.get_output_embeddings())
+        self.to(target.device, target.dtype)
 
     @property
     def num_heads(self) -> int:
@@ -91,9 +92,12 @@ class Medusa(Drafter):
 
     def check(self, target) -> None:
         check_fingerprint(self.heads.target_fingerprint, target, "These Medusa heads")
+        check_device(self.heads, target)
 
     @torch.no_grad()
     def propose(self, seqs: Sequences) -> Tree:
+        if seqs.features is None:  # one-token prompts: no feature yet
+            return Tree.root_only(seqs.last)
         batch, dev = seqs.end.shape[0], seqs.end.device
         rows = torch.arange(batch, device=dev)
         # The feature that predicted the root: the target's last hidden state before it.

@@ -56,3 +56,10 @@ def check_fingerprint(saved: dict, target, what: str) -> None:
             f"{what} were trained for another {ours['architecture']} with the same shapes: its LM head "
             f"weights differ from this target's. Load heads trained for this model, or train new ones."
         )
+
+
+def check_device(head, target) -> None:
+    device = next(head.parameters()).device
+    if device != target.device:
+        raise ValueError(f"The head is on {device} but the target is on {target.device}; move the head with "
+                         f"`.to({str(target.device)!r})`.")

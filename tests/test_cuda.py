@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import specdec
+from specdec import heads
 from models import perturbed, prompts, tiny
 from specdec.kernels import tree_attention as kernel
 
@@ -44,7 +45,9 @@ def compare(arch, dtype):
     for seed in range(4):
         ids, mask = [t.cuda() for t in prompts(4, 9, seed)]
         expected = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=32)
-        for drafter in [specdec.DraftModel(draft, 4, tree_width=2), specdec.PromptLookup(4)]:
+        drafters = [specdec.DraftModel(draft, 4, tree_width=2), specdec.PromptLookup(4),
+                    heads.Medusa(heads.MedusaHeads(model, num_heads=3)), heads.Eagle(heads.EagleHead(model), 3, 4, 12)]
+        for drafter in drafters:
             got = specdec.generate(model, ids, attention_mask=mask, drafter=drafter, max_new_tokens=32)
             same += int((got == expected).all(1).sum())
             total += got.shape[0]

@@ -169,3 +169,22 @@ def test_feature_drafters_refuse_a_prefilled_cache():
     model(ids[:, :3], past_key_values=cache)
     with pytest.raises(ValueError, match="past_key_values"):
         specdec.generate(model, ids, drafter=heads.Eagle(heads.EagleHead(model)), past_key_values=cache)
+
+
+@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+def test_one_token_prompts(kind):
+    """No feature exists before the first verification: the first step drafts nothing, later ones do."""
+    model = tiny("llama")
+    drafter = heads.store.KINDS[kind][1](heads.build(kind, model))
+    ids = torch.tensor([[7], [9]])
+    expected = model.generate(ids, do_sample=False, max_new_tokens=10)
+    out = specdec.generate(model, ids, drafter=drafter, max_new_tokens=10, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, expected)
+    assert out.stats.drafted_tokens > 0
+
+
+def test_head_on_another_device_is_refused():
+    model = tiny("llama")
+    head = heads.MedusaHeads(model).to("meta")
+    with pytest.raises(ValueError, match="move the head"):
+        heads.Medusa(head).check(model)
