@@ -4,6 +4,7 @@ from .drafters import DraftModel, Drafter, PromptLookup
 from .generate import SpeculativeModel, generate, wrap
 from .output import SpeculativeOutput, Stats
 from .tree import Tree
+from . import heads  # last: the heads build on the engine above
 
 __all__ = [
     "DraftModel", "Drafter", "PromptLookup", "SpeculativeModel", "SpeculativeOutput", "Stats", "Tree",
