@@ -6,6 +6,6 @@
 
 from .eagle import Eagle, EagleHead
 from .medusa import Medusa, MedusaHeads
-from .store import build, load, load_head, save
+from .store import build, drafter, load, load_head, save
 
-__all__ = ["Eagle", "EagleHead", "Medusa", "MedusaHeads", "build", "load", "load_head", "save"]
+__all__ = ["Eagle", "EagleHead", "Medusa", "MedusaHeads", "build", "drafter", "load", "load_head", "save"]

@@ -103,6 +103,7 @@ class Medusa(Drafter):
         # The feature that predicted the root: the target's last hidden state before it.
         feature = seqs.features[rows, (seqs.end - 2).clamp(min=0)]
         top = self.heads(feature).topk(self.k, dim=-1).indices  # (B, K, k)
+        self.forwards += 1
         depths, ranks = self.depths.to(dev), self.ranks.to(dev)
         tokens = top[:, depths, ranks]
         tokens[:, 0] = seqs.last

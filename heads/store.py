@@ -23,6 +23,11 @@ def build(kind: str, target, **options):
     return KINDS[kind][0](target, **options)
 
 
+def drafter(head, **options):
+    """The drafter that drafts with ``head``: ``Medusa`` or ``Eagle``, with their ``options``."""
+    return KINDS[head.kind][1](head, **options)
+
+
 def save(head, path, training: dict | None = None) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -52,5 +57,4 @@ def load_head(path, target):
 def load(path, target, **drafter_options):
     """A drafter for ``target`` from heads saved at ``path``: ``Medusa`` or ``Eagle``, with
     ``drafter_options`` (``top_k``, ``tree``, ``depth``, ``total_tokens``) passed on."""
-    head = load_head(path, target)
-    return KINDS[head.kind][1](head, **drafter_options)
+    return drafter(load_head(path, target), **drafter_options)

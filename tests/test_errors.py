@@ -5,7 +5,7 @@ import torch
 from transformers import DynamicCache, LlamaModel, StaticCache
 
 import specdec
-from models import PAD, perturbed, prompts, tiny
+from models import perturbed, prompts, tiny
 
 
 @pytest.fixture(scope="module")

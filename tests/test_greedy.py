@@ -5,7 +5,7 @@ import torch
 
 import specdec
 from specdec import heads
-from models import ARCHS, EOS, PAD, perturbed, prompts, tiny
+from models import ARCHS, PAD, perturbed, prompts, tiny
 
 DRAFTERS = ["none", "draft_chain", "draft_tree", "prompt_lookup", "lookup_tree", "medusa", "eagle"]
 

@@ -135,7 +135,7 @@ def test_save_load_round_trip(tmp_path, kind):
     ids, mask = prompts(2, 7, seed=0)
     outs = [specdec.generate(model, ids, attention_mask=mask, max_new_tokens=12, return_dict_in_generate=True,
                              drafter=d).stats.accepted_tokens
-            for d in (heads.store.KINDS[kind][1](head), heads.load(tmp_path, model))]
+            for d in (heads.drafter(head), heads.load(tmp_path, model))]
     assert outs[0] == outs[1]
 
 
@@ -175,7 +175,7 @@ def test_feature_drafters_refuse_a_prefilled_cache():
 def test_one_token_prompts(kind):
     """No feature exists before the first verification: the first step drafts nothing, later ones do."""
     model = tiny("llama")
-    drafter = heads.store.KINDS[kind][1](heads.build(kind, model))
+    drafter = heads.drafter(heads.build(kind, model))
     ids = torch.tensor([[7], [9]])
     expected = model.generate(ids, do_sample=False, max_new_tokens=10)
     out = specdec.generate(model, ids, drafter=drafter, max_new_tokens=10, return_dict_in_generate=True)

@@ -5,7 +5,6 @@ own logits warpers; thousands of identical rows are generated in one batched cal
 chi-square test at a fixed seed. A negative control checks the test can tell a wrong sampler apart.
 """
 
-import itertools
 
 import numpy as np
 import pytest
