@@ -11,10 +11,13 @@ diverge at tokens far below the maximum.
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import specdec
 from specdec import heads
-from models import perturbed, prompts, tiny
+from specdec.heads.train import train
+from models import VOCAB, perturbed, prompts, tiny
+from test_train_heads import CYCLE, FAST, cycle_lines, target_dir, tokenizer  # noqa: F401 (fixtures)
 from specdec.kernels import tree_attention as kernel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -72,3 +75,18 @@ def test_tie_check_catches_a_wrong_tree(monkeypatch):
     monkeypatch.setattr(kernel, "pack_visibility", lambda visible: real(torch.ones_like(visible)))
     same, total, gaps = compare("llama", torch.bfloat16)
     assert max(gaps, default=0.0) >= TIE
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+def test_head_training_on_gpu(target_dir, tokenizer, tmp_path, kind, dtype):
+    """Training on CUDA runs under bf16 autocast; the trained heads draft well and stay lossless."""
+    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype).to("cuda").eval()
+    records = [{"text": line} for line in cycle_lines(160, 1)]
+    record = train(target, tokenizer, records, kind=kind, out=tmp_path, steps=300, lr=FAST[kind],
+                               max_length=48)
+    assert min(record["accuracy"]) > 60 / VOCAB and record["eval"]["tau"] > 2.5
+    ids = torch.tensor([tokenizer(CYCLE[3:11])["input_ids"]], device="cuda")
+    expected = target.generate(ids, do_sample=False, max_new_tokens=40)
+    got = specdec.generate(target, ids, drafter=heads.load(tmp_path, target), max_new_tokens=40)
+    assert torch.equal(got, expected)

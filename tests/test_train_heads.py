@@ -136,8 +136,8 @@ def test_save_load_round_trips_state_and_drafts(kind, target, tokenizer, trained
     inputs = (got[0],) if kind == "medusa" else (got[0][:, :-1], ids[:, 1:])
     outputs = [h(*inputs) if kind == "eagle" else (h(*inputs),) for h in (head, loaded)]
     assert all(torch.equal(a, b) for a, b in zip(*outputs))
-    runs = [specdec.generate(target, ids, drafter=drafter, max_new_tokens=24, return_dict_in_generate=True)
-            for drafter in (drafter(head), load(out, target))]
+    runs = [specdec.generate(target, ids, drafter=d, max_new_tokens=24, return_dict_in_generate=True)
+            for d in (drafter(head), load(out, target))]
     assert torch.equal(runs[0].sequences, runs[1].sequences)
     drafts = [(r.stats.drafted_tokens, r.stats.accepted_tokens) for r in runs]
     assert drafts[0] == drafts[1] and drafts[0][1] > 0
