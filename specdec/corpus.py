@@ -1,0 +1,142 @@
+"""The demo models' corpus: the Python sources every machine has, those of the running interpreter.
+
+No model hub is reachable where the project trains, so it learns from the standard library (and, for
+larger models, the installed packages). A manifest of paths, sizes and hashes says exactly what was
+read, and a fixed list of modules, present in every CPython >= 3.10, is held out for evaluation.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import itertools
+import json
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+HELD_OUT = (
+    "bisect.py", "colorsys.py", "fnmatch.py", "graphlib.py", "heapq.py", "json/decoder.py", "shlex.py",
+    "textwrap.py",
+)
+SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+# Larger files are generated tables or documentation strings (pydoc_data/topics.py), not code.
+MAX_FILE_BYTES = 512 * 1024
+
+
+@dataclass(frozen=True)
+class Source:
+    root: str  # the sysconfig path name ("stdlib" or "purelib") that ``path`` is relative to
+    path: str
+    size: int
+    sha256: str
+    text: str
+
+    def entry(self) -> dict:
+        return {"root": self.root, "path": self.path, "bytes": self.size, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class Corpus:
+    train: tuple[Source, ...]
+    held_out: tuple[Source, ...]
+    roots: dict[str, str]
+
+    def manifest(self) -> dict:
+        return {
+            "roots": self.roots,
+            "train": [s.entry() for s in self.train],
+            "held_out": [s.entry() for s in self.held_out],
+        }
+
+    @property
+    def manifest_hash(self) -> str:
+        """Hash of what was read, not where: equal on two machines with the same sources."""
+        m = self.manifest()
+        body = json.dumps([m["train"], m["held_out"]], sort_keys=True).encode()
+        return hashlib.sha256(body).hexdigest()
+
+    def save_manifest(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps({"sha256": self.manifest_hash, **self.manifest()}, indent=1))
+
+    def held_out_prompts(self, n: int, prompt_chars: int = 200) -> list[str]:
+        """``n`` code prefixes of at most ``prompt_chars``: held-out functions from their first line up to the end
+        of a statement, never inside a string, with more of the function left to complete. Spread evenly over
+        all candidates, so always the same ones."""
+        candidates = []
+        for source in self.held_out:
+            starts = [0, 0, *itertools.accumulate(len(line) + 1 for line in source.text.split("\n"))]  # 1-based
+            for node in ast.walk(ast.parse(source.text)):
+                if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                ends = [st.end_lineno for st in ast.walk(node) if isinstance(st, ast.stmt) and st is not node
+                        and st.end_lineno < node.end_lineno
+                        and starts[st.end_lineno + 1] - starts[first] <= prompt_chars]
+                if ends:
+                    candidates.append((source.path, first, source.text[starts[first]:starts[max(ends) + 1]]))
+        if not 0 < n <= len(candidates):
+            raise ValueError(f"n={n}: the held-out modules have {len(candidates)} functions with a statement end "
+                             f"within prompt_chars={prompt_chars}; ask for 1..{len(candidates)} or raise prompt_chars")
+        candidates.sort()
+        return [candidates[i * len(candidates) // n][2] for i in range(n)]
+
+
+def _walk(root: Path):
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
+        for name in sorted(filenames):
+            if name.endswith(".py"):
+                yield Path(dirpath, name)
+
+
+def _read(root_name: str, root: Path, path: Path) -> Source | None:
+    data = path.read_bytes()
+    if len(data) > MAX_FILE_BYTES:
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return Source(root_name, path.relative_to(root).as_posix(), len(data), hashlib.sha256(data).hexdigest(), text)
+
+
+def collect(include_site_packages: bool = False, max_bytes: int | None = None, stdlib: str | None = None) -> Corpus:
+    """Every ``*.py`` of the standard library (``stdlib`` overrides its path), and of ``purelib`` when
+    ``include_site_packages``, minus tests, copies (by hash) and the held-out modules.
+
+    With ``max_bytes``, training keeps the files that come first in sha256 order until the budget is
+    spent: a fixed sample spread over all packages, where path order would keep only the first few.
+    """
+    paths = sysconfig.get_paths()
+    roots = {"stdlib": stdlib or paths["stdlib"]}
+    if include_site_packages:
+        roots["purelib"] = paths["purelib"]
+    base = Path(roots["stdlib"])
+    held_out = tuple(s for name in HELD_OUT if (base / name).is_file() and (s := _read("stdlib", base, base / name)))
+    seen = {s.sha256 for s in held_out}
+    train = []
+    for name, root in roots.items():
+        for path in _walk(Path(root)):
+            source = _read(name, Path(root), path)
+            if source and source.sha256 not in seen:
+                seen.add(source.sha256)
+                train.append(source)
+    if not train:
+        raise FileNotFoundError(
+            f"no Python sources under {list(roots.values())}: this interpreter ships compiled modules only. "
+            "Install its sources (e.g. Debian's libpython3.X-stdlib) or pass stdlib=<a directory holding them>")
+    if not held_out:
+        raise FileNotFoundError(f"none of the held-out modules {HELD_OUT} is under {base}; pass stdlib=<the "
+                                "standard library's directory>")
+    if max_bytes is not None:
+        kept, total = set(), 0
+        for s in sorted(train, key=lambda s: s.sha256):
+            if total + s.size <= max_bytes:
+                kept.add(s.sha256)
+                total += s.size
+        if not kept:
+            raise ValueError(f"max_bytes={max_bytes} is smaller than every source file; raise it")
+        train = [s for s in train if s.sha256 in kept]
+    return Corpus(tuple(train), held_out, roots)
