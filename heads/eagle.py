@@ -170,10 +170,5 @@ class Eagle(Drafter):
         new_index = torch.zeros(batch, size, dtype=torch.long, device=dev)
         new_index.scatter_(1, keep + 1, torch.arange(1, keep.shape[1] + 1, device=dev).expand(batch, -1))
         tree_parents = new_index.gather(1, parents.gather(1, keep))
-        valid = (~seqs.finished)[:, None].expand(-1, keep.shape[1] + 1).clone()
-        valid[:, 0] = True
-        return Tree(
-            tokens=torch.cat([seqs.last[:, None], tokens.gather(1, keep)], 1),
-            parents=torch.cat([torch.full((batch, 1), -1, device=dev), tree_parents], 1),
-            valid=valid,
-        )
+        return Tree.drafted(torch.cat([seqs.last[:, None], tokens.gather(1, keep)], 1),
+                            torch.cat([torch.full((batch, 1), -1, device=dev), tree_parents], 1), seqs.finished)

@@ -107,6 +107,4 @@ class Medusa(Drafter):
         depths, ranks = self.depths.to(dev), self.ranks.to(dev)
         tokens = top[:, depths, ranks]
         tokens[:, 0] = seqs.last
-        valid = (~seqs.finished)[:, None].expand_as(tokens).clone()
-        valid[:, 0] = True
-        return Tree(tokens=tokens, parents=self.parents.to(dev).expand(batch, -1), valid=valid)
+        return Tree.drafted(tokens, self.parents.to(dev).expand(batch, -1), seqs.finished)

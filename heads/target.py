@@ -14,10 +14,6 @@ class Borrowed(nn.Module):
         super().__init__()
         self.__dict__["module"] = module
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.module.weight
-
     def forward(self, x):
         return self.module(x)
 

@@ -11,6 +11,7 @@ for checking: ``with specdec.attention.backend("mask"): ...``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 from contextvars import ContextVar
@@ -43,13 +44,19 @@ def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def use_kernel(device: torch.device, head_dim: int) -> bool:
-    """Whether to run the kernels on these tensors (raises if ``"kernel"`` is forced but cannot run)."""
+    """Whether to run the kernels on these tensors (raises if ``"kernel"`` is forced but cannot run).
+    Asked once per forward pass and once per layer's cache compaction, so it does no lookups itself."""
     choice = _backend.get()
     if choice == "mask":
         return False
     reason = None
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         reason = "triton is not installed"
     elif head_dim > MAX_HEAD_DIM:
         reason = f"head dim {head_dim} exceeds {MAX_HEAD_DIM}"

@@ -53,6 +53,14 @@ class Tree:
         return torch.where(is_child.gather(-1, order), order, -1)
 
     @staticmethod
+    def drafted(tokens: torch.Tensor, parents: torch.Tensor, finished: torch.Tensor,
+                draft_probs: torch.Tensor | None = None) -> "Tree":
+        """A drafter's full tree per row; rows that finished keep only their root, so nothing is verified."""
+        valid = (~finished)[:, None].expand_as(tokens).clone()
+        valid[:, 0] = True
+        return Tree(tokens=tokens, parents=parents, valid=valid, draft_probs=draft_probs)
+
+    @staticmethod
     def root_only(roots: torch.Tensor) -> "Tree":
         """A tree with no drafted tokens: verification then is one ordinary decoding step."""
         return Tree(

@@ -124,12 +124,5 @@ class DraftModel(Drafter):
             frontier_probs = self._probs(logits, seqs, level)
 
         self.cache.crop(committed)
-        tokens = torch.cat(tokens, 1)
-        valid = ~seqs.finished[:, None].expand_as(tokens).clone()
-        valid[:, 0] = True
-        return Tree(
-            tokens=tokens,
-            parents=torch.cat(parents, 1),
-            valid=valid,
-            draft_probs=torch.cat(probs, 1) if self.sampling.do_sample else None,
-        )
+        return Tree.drafted(torch.cat(tokens, 1), torch.cat(parents, 1), seqs.finished,
+                            torch.cat(probs, 1) if self.sampling.do_sample else None)
