@@ -61,26 +61,46 @@ class Corpus:
         Path(path).write_text(json.dumps({"sha256": self.manifest_hash, **self.manifest()}, indent=1))
 
     def held_out_prompts(self, n: int, prompt_chars: int = 200) -> list[str]:
-        """``n`` code prefixes of at most ``prompt_chars``: held-out functions from their first line up to the end
-        of a statement, never inside a string, with more of the function left to complete. Spread evenly over
-        all candidates, so always the same ones."""
-        candidates = []
-        for source in self.held_out:
-            starts = [0, 0, *itertools.accumulate(len(line) + 1 for line in source.text.split("\n"))]  # 1-based
-            for node in ast.walk(ast.parse(source.text)):
-                if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                    continue
-                first = min([node.lineno] + [d.lineno for d in node.decorator_list])
-                ends = [st.end_lineno for st in ast.walk(node) if isinstance(st, ast.stmt) and st is not node
-                        and st.end_lineno < node.end_lineno
-                        and starts[st.end_lineno + 1] - starts[first] <= prompt_chars]
-                if ends:
-                    candidates.append((source.path, first, source.text[starts[first]:starts[max(ends) + 1]]))
+        """``n`` prefixes of held-out functions (see ``function_prefixes``), spread evenly over all of them, so
+        always the same ones."""
+        candidates = [c for source in self.held_out for c in function_prefixes(source, prompt_chars)]
         if not 0 < n <= len(candidates):
             raise ValueError(f"n={n}: the held-out modules have {len(candidates)} functions with a statement end "
                              f"within prompt_chars={prompt_chars}; ask for 1..{len(candidates)} or raise prompt_chars")
-        candidates.sort()
-        return [candidates[i * len(candidates) // n][2] for i in range(n)]
+        return [candidates[i * len(candidates) // n] for i in range(n)]
+
+    def train_prompts(self, n: int, prompt_chars: int = 200, per_file: int = 4) -> list[str]:
+        """``n`` prefixes of training functions, at most ``per_file`` from each file taken in the corpus's fixed
+        sha256 order (spread over all packages), for the target to continue when heads are self-distilled."""
+        prompts = []
+        for source in sorted(self.train, key=lambda s: s.sha256):
+            if len(prompts) >= n:
+                break
+            found = function_prefixes(source, prompt_chars)
+            prompts += found[:: max(1, len(found) // per_file)][:per_file]
+        return prompts[:n]
+
+
+def function_prefixes(source: Source, prompt_chars: int) -> list[str]:
+    """Code prefixes of at most ``prompt_chars``, one per function of ``source`` that has one: from its first
+    line (decorators included) up to the end of a statement, never inside a string, with more of the function
+    left to complete. In source order; none for a file this interpreter cannot parse."""
+    try:
+        tree = ast.parse(source.text)
+    except (SyntaxError, ValueError):
+        return []
+    starts = [0, 0, *itertools.accumulate(len(line) + 1 for line in source.text.split("\n"))]  # 1-based
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+        ends = [st.end_lineno for st in ast.walk(node) if isinstance(st, ast.stmt) and st is not node
+                and st.end_lineno < node.end_lineno
+                and starts[st.end_lineno + 1] - starts[first] <= prompt_chars]
+        if ends:
+            found.append((first, source.text[starts[first]:starts[max(ends) + 1]]))
+    return [text for _, text in sorted(found)]
 
 
 def _walk(root: Path):
@@ -113,8 +133,7 @@ def collect(include_site_packages: bool = False, max_bytes: int | None = None, s
     roots = {"stdlib": stdlib or paths["stdlib"]}
     if include_site_packages:
         roots["purelib"] = paths["purelib"]
-    base = Path(roots["stdlib"])
-    held_out = tuple(s for name in HELD_OUT if (base / name).is_file() and (s := _read("stdlib", base, base / name)))
+    held_out = _held_out(Path(roots["stdlib"]))
     seen = {s.sha256 for s in held_out}
     train = []
     for name, root in roots.items():
@@ -128,8 +147,7 @@ def collect(include_site_packages: bool = False, max_bytes: int | None = None, s
             f"no Python sources under {list(roots.values())}: this interpreter ships compiled modules only. "
             "Install its sources (e.g. Debian's libpython3.X-stdlib) or pass stdlib=<a directory holding them>")
     if not held_out:
-        raise FileNotFoundError(f"none of the held-out modules {HELD_OUT} is under {base}; pass stdlib=<the "
-                                "standard library's directory>")
+        raise FileNotFoundError(_NO_HELD_OUT.format(base=roots["stdlib"]))
     if max_bytes is not None:
         kept, total = set(), 0
         for s in sorted(train, key=lambda s: s.sha256):
@@ -140,3 +158,19 @@ def collect(include_site_packages: bool = False, max_bytes: int | None = None, s
             raise ValueError(f"max_bytes={max_bytes} is smaller than every source file; raise it")
         train = [s for s in train if s.sha256 in kept]
     return Corpus(tuple(train), held_out, roots)
+
+
+def held_out_modules(stdlib: str | None = None) -> Corpus:
+    """The held-out modules alone (no training files), for prompts the demo models never trained on."""
+    base = Path(stdlib or sysconfig.get_paths()["stdlib"])
+    held_out = _held_out(base)
+    if not held_out:
+        raise FileNotFoundError(_NO_HELD_OUT.format(base=base))
+    return Corpus((), held_out, {"stdlib": str(base)})
+
+
+_NO_HELD_OUT = f"none of the held-out modules {HELD_OUT} is under {{base}}; pass stdlib=<the standard library's directory>"
+
+
+def _held_out(base: Path) -> tuple[Source, ...]:
+    return tuple(s for name in HELD_OUT if (base / name).is_file() and (s := _read("stdlib", base, base / name)))

@@ -55,3 +55,14 @@ def test_cache_compaction_keeps_each_rows_path_at_its_end():
     assert cache.get_seq_length() == 5
     assert layer.keys[0, 0, :5, 0].tolist() == [0, 1, 2, 5, 7]
     assert layer.keys[1, 0, :5, 0].tolist() == [8, 9, 10, 11, 14]
+
+
+def test_prompt_lookup_prefers_a_full_continuation_over_the_latest_short_one():
+    """In a loop of period 3, the latest match of the tail leaves 3 tokens after it; earlier ones leave the
+    full draft length, which is what the drafter must propose first."""
+    from specdec.drafters.prompt_lookup import PromptLookup
+
+    row = torch.tensor([7, 1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2])
+    assert PromptLookup(num_draft_tokens=5, max_ngram=2)._continuations(row) == [[3, 1, 2, 3, 1]]
+    both = PromptLookup(num_draft_tokens=5, max_ngram=2, tree_width=2)._continuations(row)
+    assert both == [[3, 1, 2, 3, 1], [3, 1, 2]]

@@ -10,10 +10,11 @@ from .base import Drafter, require_positive
 
 
 class PromptLookup(Drafter):
-    """Drafts the tokens that followed the most recent earlier occurrences of the last n tokens.
+    """Drafts the tokens that followed earlier occurrences of the last n tokens.
 
     Tries n from ``max_ngram`` down to ``min_ngram`` and takes up to ``tree_width`` distinct continuations
-    of ``num_draft_tokens`` tokens, most recent match first, merged into one tree. No model runs; the
+    of up to ``num_draft_tokens`` tokens, the longest first and among those the most recent, merged into one
+    tree. No model runs; the
     drafts are deterministic, so sampling stays lossless through point-mass proposals.
     """
 
@@ -30,8 +31,9 @@ class PromptLookup(Drafter):
         length = row.shape[0]
         for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
             windows = row[:-1].unfold(0, n, 1)  # windows ending before the last token
-            hits = (windows == row[-n:]).all(-1).nonzero().flatten().flip(0)
-            for start in (hits + n).tolist():
+            starts = ((windows == row[-n:]).all(-1).nonzero().flatten() + n).tolist()
+            # A match just before the tail has little after it: the longest continuation first, then the latest.
+            for start in sorted(starts, key=lambda s: (min(self.num_draft_tokens, length - s), s), reverse=True):
                 cont = row[start : start + self.num_draft_tokens].tolist()
                 if cont and cont not in found:
                     found.append(cont)
