@@ -47,9 +47,9 @@ def load(path: str | Path | None = None, *, target=None, draft=None, medusa=None
     given = dict(target=target, draft=draft, medusa=medusa, eagle=eagle)
     paths = {p: Path(given[p]) if given[p] is not None else root / p for p in PARTS}
     if not (paths["target"] / "config.json").is_file():
-        where = "--target" if target is not None else f"{str(root)!r}"
-        raise FileNotFoundError(f"No model at {str(paths['target'])!r} ({where}): pass a directory that "
-                                "`specdec.pretrain` wrote, or a target saved with `save_pretrained`.")
+        raise FileNotFoundError(f"No target model at {str(paths['target'])!r}: pass --models (`path`) a directory "
+                                "that `specdec pretrain` wrote, or --target (`target`) a model saved with "
+                                "`save_pretrained`.")
     for part in PARTS[1:]:
         if given[part] is not None and not paths[part].is_dir():
             raise FileNotFoundError(f"--{part} {str(paths[part])!r} is not a directory.")

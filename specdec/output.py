@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
@@ -20,6 +20,10 @@ class Stats:
     new_tokens: int = 0  # tokens emitted by verification steps (accepted + bonus, cut at eos / max)
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
+
+    def __add__(self, other: "Stats") -> "Stats":
+        """Counters of several calls together, so ``sum(stats, Stats())`` gives their pooled τ."""
+        return Stats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
     @property
     def tau(self) -> float:

@@ -77,3 +77,11 @@ def test_one_token_prompt():
     ids = torch.tensor([[7]])
     assert torch.equal(specdec.generate(model, ids, prompt_lookup_num_tokens=2, max_new_tokens=8),
                        model.generate(ids, max_new_tokens=8))
+
+
+def test_stats_add_pools_counters_so_tau_is_the_pooled_one():
+    a = specdec.Stats(target_forwards=3, steps=2, row_steps=2, drafted_tokens=8, accepted_tokens=6, new_tokens=8)
+    b = specdec.Stats(target_forwards=5, steps=4, row_steps=4, drafted_tokens=16, accepted_tokens=0, new_tokens=4)
+    total = sum([a, b], specdec.Stats())
+    assert total.target_forwards == 8 and total.new_tokens == 12
+    assert total.tau == (6 + 6) / 6 and total.acceptance_rate == 6 / 24

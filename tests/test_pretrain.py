@@ -13,11 +13,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import specdec
 from specdec import corpus, pretrain
-from specdec.pretrain import Config, Size
+from specdec.pretrain import Config, Heads, Size
 
 SMALL = Config(vocab_size=320, seq_len=64, target=Size(32, 2, 2, 1, 64), draft=Size(16, 1, 1, 1, 32), steps=40,
-               batch_size=8, lr=1e-2, max_bytes=200_000, log_every=10)
+               batch_size=8, lr=1e-2, max_bytes=200_000, log_every=10,
+               heads=Heads(steps=30, prompts=24, batch_size=4, distil_tokens=16, max_length=64))
 
 
 def test_corpus_is_deterministic_and_never_trains_on_held_out(tmp_path):
@@ -95,8 +97,23 @@ def test_training_lowers_the_loss(run):
         assert r["held_out_loss"] < math.log(SMALL.vocab_size) - 1.0
 
 
+def test_recipe_trains_heads_that_draft_losslessly(run):
+    out, record = run
+    target = AutoModelForCausalLM.from_pretrained(out / "target", local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(out / "target", local_files_only=True)
+    prompt = tok(record["sample_prompt"], return_tensors="pt")
+    expected = target.generate(**prompt, do_sample=False, max_new_tokens=24)
+    for kind in ("medusa", "eagle"):
+        trained = record["heads"][kind]
+        assert trained["steps"] == SMALL.heads.steps and len(trained["accuracy"]) == (4 if kind == "medusa" else 1)
+        assert not (out / kind / "checkpoint.pt").exists()  # the resumable checkpoint is not shipped
+        drafter = specdec.heads.load(out / kind, target)
+        assert torch.equal(specdec.generate(target, **prompt, drafter=drafter, max_new_tokens=24), expected)
+    assert record["heads"]["prompts"] == SMALL.heads.prompts
+
+
 def test_training_is_deterministic_given_the_seed(tmp_path):
-    config = replace(SMALL, steps=3)
+    config = replace(SMALL, steps=3, heads=None)
     first = pretrain.train(config, tmp_path / "a", device="cpu", seed=1)
     second = pretrain.train(config, tmp_path / "b", device="cpu", seed=1)
     assert first["target"]["held_out_loss"] == second["target"]["held_out_loss"]
