@@ -18,8 +18,9 @@ def run(prompts: int = 3, max_new_tokens: int = 64, device: str = "cpu", progres
     models = embedded.load(device=device)
     texts = models.prompts(prompts)
     record = bench.measure(models, texts, modes=("greedy",), max_new_tokens=max_new_tokens, progress=progress)
+    dim, plain = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
     for prompt, completion in zip(texts, record["completions"]["greedy: generate"]):
-        print(f"\033[2m{prompt}\033[0m{completion}\n{'-' * 72}")
+        print(f"{dim}{prompt}{plain}{completion}\n{'-' * 72}")
     print(bench.table(record["results"]))
     same = all(r["same_text"] for r in record["results"])
     print(f"\nevery strategy wrote the same text as model.generate: {'yes' if same else 'NO'}")
