@@ -1,0 +1,170 @@
+"""Time one verification step of an 8B-shaped Llama against its memory-bandwidth floor.
+
+A step is what ``specdec.generate`` runs per verification, batch 1, greedy: ``forward_nodes`` over a T-node
+tree (each node with up to 4 children, breadth first) on a cache of P tokens, the target's distributions,
+``accept`` and the cache compaction; the cache is cropped back to P between steps so every step sees
+the same state. Weights are random (cost only), bf16.
+
+- ``step ms``: host wall time per step, synchronised, median of ``--steps`` after warm-up: what the
+  decoding loop pays today;
+- ``forward ms``: the model pass alone, same timing;
+- ``plain decode ms``: one token through the model with transformers' own ``DynamicCache`` of P tokens,
+  which is what each step of plain ``model.generate`` costs;
+- ``floor ms``: (weight bytes + K/V bytes of P tokens) / the fastest device-to-device copy (read + write
+  bytes per second) measured in the same run; ``x floor`` = step / floor.
+
+    python benchmarks/verify_step.py --out verify.json [--T 1 16 64] [--P 512 4096] [--tiny]
+
+``--tiny`` builds a 2-layer model for a CPU smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from transformers import DynamicCache, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+from specdec.cache import TreeCache
+from specdec.forward import Prefix, forward_nodes, prefill
+from specdec.sampling import Sampling
+from specdec.tree import Tree
+from specdec.verify import accept
+
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256, max_position_embeddings=8192)
+
+
+def _sync(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _median_ms(fn, steps: int, warmup: int, device) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        start = _sync(device)
+        fn()
+        times.append(_sync(device) - start)
+    return 1e3 * statistics.median(times)
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes moved (read + write) per second by the fastest of a few device-to-device copies."""
+    if device.type != "cuda":
+        return float("nan")
+    best = 0.0
+    for mib in (128, 256, 1024):
+        src = torch.empty(mib * 2**20, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        ms = _median_ms(lambda: dst.copy_(src), 20, 3, device)
+        best = max(best, 2 * src.numel() / (ms / 1e3))
+    return best
+
+
+def build_model(shape: dict, device, dtype) -> LlamaForCausalLM:
+    config = LlamaConfig(**shape, attn_implementation="sdpa")
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def tree_of(t: int, vocab: int, root: torch.Tensor) -> Tree:
+    parents = torch.tensor([-1] + [(i - 1) // 4 for i in range(1, t)], device=root.device)
+    tokens = torch.randint(vocab, (1, t), device=root.device)
+    tokens[:, 0] = root
+    return Tree(tokens=tokens, parents=parents[None], valid=torch.ones(1, t, dtype=torch.bool, device=root.device))
+
+
+@torch.no_grad()
+def run_row(model, p: int, t: int, steps: int, warmup: int, copy_bps: float) -> dict:
+    device, vocab = model.device, model.config.vocab_size
+    prompt = torch.randint(vocab, (1, p + 1), device=device)
+    start = torch.zeros(1, dtype=torch.long, device=device)
+    cache = TreeCache(p + t + 64)
+    prefill(model, cache, prompt[:, :p], start)
+    tree = tree_of(t, vocab, prompt[:, p])
+    positions = p + tree.depth
+    prefix = Prefix(start, torch.full_like(start, p))
+    sampling = Sampling.from_config(GenerationConfig(do_sample=False))
+
+    def forward():
+        logits = forward_nodes(model, cache, tree.tokens, positions, prefix, tree.ancestors, positions)
+        cache.crop(p)
+        return logits
+
+    def step():
+        logits = forward_nodes(model, cache, tree.tokens, positions, prefix, tree.ancestors, positions)
+        probs = sampling.probs(logits, tree.depth, p + tree.depth)
+        acc = accept(tree, probs)
+        cache.compact(p + acc.path, prefix.end, acc.length)
+        cache.crop(p)
+
+    dynamic = DynamicCache(config=model.config)
+    model(prompt[:, :p], past_key_values=dynamic, use_cache=True)
+
+    def plain_decode():
+        model(prompt[:, p:], past_key_values=dynamic, use_cache=True)
+        dynamic.crop(-1)
+
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    weight_bytes = sum(x.numel() * x.element_size() for x in model.parameters())
+    kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * p * model.dtype.itemsize
+    row = {"P": p, "T": t,
+           "step_ms": _median_ms(step, steps, warmup, device),
+           "forward_ms": _median_ms(forward, steps, warmup, device),
+           "plain_decode_ms": _median_ms(plain_decode, steps, warmup, device),
+           "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
+           "floor_ms": 1e3 * (weight_bytes + kv_bytes) / copy_bps}
+    row["x_floor"] = row["step_ms"] / row["floor_ms"]
+    return row
+
+
+def markdown(rows) -> str:
+    lines = ["| P | T | step ms | forward ms | plain decode ms | floor ms | x floor |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['P']} | {r['T']} | {r['step_ms']:.2f} | {r['forward_ms']:.2f} | {r['plain_decode_ms']:.2f} | "
+              f"{r['floor_ms']:.2f} | {r['x_floor']:.2f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--P", type=int, nargs="+", default=[512, 4096])
+    parser.add_argument("--T", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model, for a CPU smoke test")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(TINY if args.tiny else LLAMA_8B, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    copy_bps = copy_bandwidth(device)
+    record = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "model": "tiny" if args.tiny else "llama-8b-shaped, random bf16",
+              "copy_GBps": copy_bps / 1e9, "rows": []}
+    for p in args.P:
+        for t in args.T:
+            record["rows"].append(run_row(model, p, t, args.steps, args.warmup, copy_bps))
+            print(markdown(record["rows"][-1:]).splitlines()[-1], flush=True)
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump(record, f, indent=1)
+    print(markdown(record["rows"]))
+
+
+if __name__ == "__main__":
+    main()
