@@ -11,7 +11,12 @@ Drafting (EAGLE-2): the pair ending at the root gives the first level; each leve
 best nodes by cumulative log-probability, each with its ``top_k`` most likely children, and feeds them
 with the features the head predicted for their parents. All candidates are ranked at the end and the
 best ``total_tokens`` form the tree; a child never outranks its parent, so the kept set is a tree.
-Drafts are deterministic, so sampling stays lossless through point-mass proposals.
+
+When sampling, each expanded node's children are ``top_k`` i.i.d. samples from the head's distribution
+(warped as the target's is), which SpecInfer's verification needs to accept them with probability
+min(1, p/q). Ranking single candidates by their own sampled values would bias which siblings remain, so
+the final cut keeps whole sibling groups, ordered by their parent's score (and a prefix, in sample order,
+of the last group that fits).
 """
 
 from __future__ import annotations
@@ -90,6 +95,7 @@ class Eagle(Drafter):
 
     def begin(self, target, seqs: Sequences, sampling: Sampling) -> None:
         self.forwards = 0
+        self.sampling = sampling
         self.cache = TreeCache(seqs.tokens.shape[1])
         # Pairs (f_c, x_{c+1}) for every column whose feature is known, except the last: propose feeds it.
         self.cached_end = torch.full_like(seqs.end, max(seqs.prompt_length - 2, 0))
@@ -105,7 +111,17 @@ class Eagle(Drafter):
         with features.capture(self.head.decoder) as captured:
             logits = fn(self.head.decoder, self.cache, *args)
         self.forwards += 1
-        return logits.float().log_softmax(-1), captured[0]
+        return logits.float(), captured[0]
+
+    def _children(self, logits, seqs: Sequences, depth: int):
+        """Each node's ``top_k`` children (B, F, k), their log-probabilities, and the distribution they were
+        drawn from (B, F, V) when sampling (None when greedy: the most likely tokens, deterministic)."""
+        if not self.sampling.do_sample:
+            kids = logits.log_softmax(-1).clamp(min=-1e4).double().topk(self.top_k, dim=-1)
+            return kids.indices, kids.values, None
+        q = self.sampling.probs(logits, seqs.generated[:, None] + depth, seqs.end[:, None] + depth, point_mass=False)
+        kids = torch.multinomial(q.flatten(0, 1), self.top_k, replacement=True).view(*q.shape[:2], -1)
+        return kids, q.gather(-1, kids).clamp(min=1e-30).log().double(), q
 
     @torch.no_grad()
     def propose(self, seqs: Sequences) -> Tree:
@@ -119,15 +135,16 @@ class Eagle(Drafter):
         cols = (self.cached_end[:, None] + torch.arange(int(count.max()), device=dev)).clamp(max=seqs.end.max() - 2)
         pairs = self.head.inputs(seqs.features.gather(1, cols[..., None].expand(-1, -1, seqs.features.shape[-1])),
                                  seqs.tokens.gather(1, cols + 1))
-        logp, feats = self._run(extend_chains, pairs, count, Prefix(seqs.start, self.cached_end))
+        logits, feats = self._run(extend_chains, pairs, count, Prefix(seqs.start, self.cached_end))
         last = (count - 1).clamp(min=0)[:, None]
         self.cached_end = seqs.end - 1
         committed = self.cache.get_seq_length()
 
         # Candidate pool, level by level: tokens, parent (pool index, 0 = root) and score (float64, so the
         # small depth penalty always breaks parent-child ties in the parent's favour).
-        top = logp[rows, last].squeeze(1).clamp(min=-1e4).double().topk(k, dim=-1)
-        pool_tokens, pool_parents, pool_scores = [top.indices], [torch.zeros_like(top.indices)], [top.values]
+        kids, kid_logp, q = self._children(logits[rows, last], seqs, 0)
+        pool_tokens, pool_parents, pool_scores = [kids[:, 0]], [torch.zeros_like(kids[:, 0])], [kid_logp[:, 0]]
+        pool_q = [q.expand(-1, k, -1)] if q is not None else None  # each node's draft distribution
         parent_feats = feats[rows, last].expand(-1, k, -1)  # what each frontier node is fed with
         frontier = torch.arange(1, k + 1, device=dev).expand(batch, -1)  # pool indices of the nodes to feed
         parent_slot = None  # each frontier node's parent among the fed nodes (None: the root)
@@ -145,14 +162,16 @@ class Eagle(Drafter):
             seen = torch.cat([torch.nn.functional.pad(seen, (0, width)), new_rows], 1)
             fed_pos.append((root_pos + level).expand(-1, width))
             tokens = torch.cat([seqs.last[:, None]] + pool_tokens, 1)
-            logp, feats = self._run(
+            logits, feats = self._run(
                 forward_nodes, self.head.inputs(parent_feats, tokens.gather(1, frontier)), fed_pos[-1],
                 Prefix(seqs.start, seqs.end - 1), new_rows, torch.cat(fed_pos, 1),
             )
-            kids = logp.clamp(min=-1e4).double().topk(k, dim=-1)  # (B, F, k)
+            kids, kid_logp, q = self._children(logits, seqs, level)  # (B, F, k)
             scores = torch.cat([torch.zeros_like(pool_scores[0][:, :1])] + pool_scores, 1)
-            kid_scores = (scores.gather(1, frontier)[..., None] + kids.values - 1e-6).flatten(1)
-            pool_tokens.append(kids.indices.flatten(1))
+            kid_scores = (scores.gather(1, frontier)[..., None] + kid_logp - 1e-6).flatten(1)
+            pool_tokens.append(kids.flatten(1))
+            if pool_q is not None:
+                pool_q.append(q[:, :, None].expand(-1, -1, k, -1).flatten(1, 2))
             pool_parents.append(frontier[..., None].expand(-1, -1, k).flatten(1))
             pool_scores.append(kid_scores)
             best = kid_scores.topk(k, dim=-1).indices
@@ -165,10 +184,23 @@ class Eagle(Drafter):
         tokens = torch.cat(pool_tokens, 1)
         scores = torch.cat(pool_scores, 1)
         parents = torch.cat(pool_parents, 1)
-        keep = scores.topk(min(self.total_tokens, scores.shape[1]), dim=-1).indices.sort(dim=-1).values
+        n_keep = min(self.total_tokens, scores.shape[1])
+        if pool_q is None:
+            keep = scores.topk(n_keep, dim=-1).indices
+        else:  # whole sibling groups (k consecutive pool entries), best parent first; see the module docstring
+            parent_scores = torch.cat([torch.zeros_like(scores[:, :1]), scores], 1).gather(1, parents[:, ::k])
+            group_rank = parent_scores.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+            slot = (group_rank[..., None] * k + torch.arange(k, device=dev)).flatten(1)  # place in that order
+            keep = slot.argsort(dim=-1)[:, :n_keep]
+        keep = keep.sort(dim=-1).values
         # Pool index order is topological, so sorted kept indices are too; renumber parents into the tree.
         new_index = torch.zeros(batch, size, dtype=torch.long, device=dev)
         new_index.scatter_(1, keep + 1, torch.arange(1, keep.shape[1] + 1, device=dev).expand(batch, -1))
         tree_parents = new_index.gather(1, parents.gather(1, keep))
+        draft_probs = None
+        if pool_q is not None:
+            kept_q = torch.cat(pool_q, 1).gather(1, keep[..., None].expand(-1, -1, pool_q[0].shape[-1]))
+            draft_probs = torch.cat([torch.zeros_like(kept_q[:, :1]), kept_q], 1)
         return Tree.drafted(torch.cat([seqs.last[:, None], tokens.gather(1, keep)], 1),
-                            torch.cat([torch.full((batch, 1), -1, device=dev), tree_parents], 1), seqs.finished)
+                            torch.cat([torch.full((batch, 1), -1, device=dev), tree_parents], 1), seqs.finished,
+                            draft_probs)

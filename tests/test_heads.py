@@ -188,3 +188,31 @@ def test_head_on_another_device_is_refused():
     head = heads.MedusaHeads(model).to("meta")
     with pytest.raises(ValueError, match="move the head"):
         heads.Medusa(head).check(model)
+
+
+def test_sampled_eagle_drafts_whole_sibling_groups_with_their_distributions():
+    """When sampling, every expanded node's children are i.i.d. draws that carry the distribution they came
+    from, and the tree keeps whole sibling groups (a prefix of the last): cutting single samples by their
+    own values would bias the verification (the chi-square test catches that cut)."""
+    torch.manual_seed(0)
+    target = tiny("llama")
+    trees = []
+
+    class Recording(heads.Eagle):
+        def propose(self, seqs):
+            trees.append(super().propose(seqs))
+            return trees[-1]
+
+    ids, mask = prompts(2, 9, seed=0)
+    specdec.generate(target, ids, attention_mask=mask, drafter=Recording(heads.EagleHead(target), top_k=3, depth=3,
+                     total_tokens=7), do_sample=True, max_new_tokens=6)
+    drafted = [t for t in trees if t.tokens.shape[1] > 1]
+    assert drafted
+    for tree in drafted:
+        q = tree.draft_probs
+        assert q is not None and tree.tokens.shape[1] == 8
+        assert torch.allclose(q[:, 1:].sum(-1), torch.ones(1)) and (q[:, 0] == 0).all()
+        assert (q[:, 1:].gather(-1, tree.tokens[:, 1:, None]) > 0).all()  # each token drawn from its q
+        for row in tree.parents.tolist():
+            sizes = sorted((row[1:].count(p) for p in set(row[1:])), reverse=True)
+            assert sizes == [3, 3, 1]  # the root's group, one whole group, a prefix of one more
