@@ -4,7 +4,8 @@ past the one the target's LM head predicts, all read out through the target's ow
 The drafter turns the heads' top-k tokens into a tree: the Cartesian product of ``top_k[k]`` choices at
 depth k+1, or a sparse ``tree`` of index paths (Medusa's "choices": ``(0, 1)`` is head 1's best token
 followed by head 2's second best). The tree's shape is fixed, so it is built once and only its tokens
-change per step. Drafts are deterministic, so sampling stays lossless through point-mass proposals.
+change per step. When sampling, each node's token is instead an independent draw from its head's
+distribution (warped as the target's is), so siblings are i.i.d. and verify by min(1, p/q).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from specdec.drafters.base import Drafter, require_positive
+from specdec.sampling import Sampling
 from specdec.sequences import Sequences
 from specdec.tree import Tree
 
@@ -94,6 +96,10 @@ class Medusa(Drafter):
         check_fingerprint(self.heads.target_fingerprint, target, "These Medusa heads")
         check_device(self.heads, target)
 
+    def begin(self, target, seqs: Sequences, sampling: Sampling) -> None:
+        self.forwards = 0
+        self.sampling = sampling
+
     @torch.no_grad()
     def propose(self, seqs: Sequences) -> Tree:
         if seqs.features is None:  # one-token prompts: no feature yet
@@ -102,9 +108,19 @@ class Medusa(Drafter):
         rows = torch.arange(batch, device=dev)
         # The feature that predicted the root: the target's last hidden state before it.
         feature = seqs.features[rows, (seqs.end - 2).clamp(min=0)]
-        top = self.heads(feature).topk(self.k, dim=-1).indices  # (B, K, k)
+        logits = self.heads(feature)  # (B, K, V)
         self.forwards += 1
         depths, ranks = self.depths.to(dev), self.ranks.to(dev)
-        tokens = top[:, depths, ranks]
+        parents = self.parents.to(dev).expand(batch, -1)
+        if not self.sampling.do_sample:
+            tokens = logits.topk(self.k, dim=-1).indices[:, depths, ranks]
+            tokens[:, 0] = seqs.last
+            return Tree.drafted(tokens, parents, seqs.finished)
+        # Head d drafts depth d + 1, predicted at a parent d tokens past the root, as the target would predict it.
+        ahead = torch.arange(logits.shape[1], device=dev)
+        q = self.sampling.probs(logits.float(), seqs.generated[:, None] + ahead, seqs.end[:, None] + ahead,
+                                point_mass=False)[:, depths]  # (B, N, V): each node's head
+        tokens = torch.multinomial(q.flatten(0, 1), 1).view(batch, -1)
         tokens[:, 0] = seqs.last
-        return Tree.drafted(tokens, self.parents.to(dev).expand(batch, -1), seqs.finished)
+        q[:, 0] = 0
+        return Tree.drafted(tokens, parents, seqs.finished, q)

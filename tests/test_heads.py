@@ -216,3 +216,32 @@ def test_sampled_eagle_drafts_whole_sibling_groups_with_their_distributions():
         for row in tree.parents.tolist():
             sizes = sorted((row[1:].count(p) for p in set(row[1:])), reverse=True)
             assert sizes == [3, 3, 1]  # the root's group, one whole group, a prefix of one more
+
+
+def test_sampled_medusa_draws_each_node_from_its_head():
+    """When sampling, every node's token is drawn from its own head's distribution, which the tree carries
+    (a depth-d node from head d-1), so the verifier can accept with min(1, p/q) instead of a point mass."""
+    torch.manual_seed(0)
+    target = tiny("llama")
+    trees = []
+
+    class Recording(heads.Medusa):
+        def propose(self, seqs):
+            trees.append(super().propose(seqs))
+            return trees[-1]
+
+    medusa = heads.MedusaHeads(target, num_heads=2)
+    with torch.no_grad():
+        for p in medusa.parameters():  # untrained heads all repeat the LM head
+            p.normal_(0, 0.3)
+    ids, mask = prompts(2, 9, seed=0)
+    specdec.generate(target, ids, attention_mask=mask, drafter=Recording(medusa, top_k=(2, 2)), do_sample=True,
+                     max_new_tokens=6)
+    drafted = [t for t in trees if t.tokens.shape[1] > 1]
+    assert drafted
+    for tree in drafted:
+        q = tree.draft_probs
+        assert q is not None and (q[:, 0] == 0).all() and torch.allclose(q[:, 1:].sum(-1), torch.ones(1))
+        assert torch.equal(q[:, 1], q[:, 2]) and torch.equal(q[:, 3], q[:, 6])  # siblings and cousins share a head
+        assert not torch.equal(q[:, 1], q[:, 3])
+        assert (q[:, 1:].gather(-1, tree.tokens[:, 1:, None]) > 0).all()
