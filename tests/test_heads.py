@@ -190,25 +190,24 @@ def test_head_on_another_device_is_refused():
         heads.Medusa(head).check(model)
 
 
+def sampled_trees(target, drafter) -> list:
+    """The trees with drafted nodes that ``drafter`` proposes while the target samples (2 ragged rows)."""
+    trees, propose = [], drafter.propose
+    drafter.propose = lambda seqs: trees.append(propose(seqs)) or trees[-1]
+    ids, mask = prompts(2, 9, seed=0)
+    specdec.generate(target, ids, attention_mask=mask, drafter=drafter, do_sample=True, max_new_tokens=6)
+    drafted = [t for t in trees if t.tokens.shape[1] > 1]
+    assert drafted
+    return drafted
+
+
 def test_sampled_eagle_drafts_whole_sibling_groups_with_their_distributions():
     """When sampling, every expanded node's children are i.i.d. draws that carry the distribution they came
     from, and the tree keeps whole sibling groups (a prefix of the last): cutting single samples by their
     own values would bias the verification (the chi-square test catches that cut)."""
     torch.manual_seed(0)
     target = tiny("llama")
-    trees = []
-
-    class Recording(heads.Eagle):
-        def propose(self, seqs):
-            trees.append(super().propose(seqs))
-            return trees[-1]
-
-    ids, mask = prompts(2, 9, seed=0)
-    specdec.generate(target, ids, attention_mask=mask, drafter=Recording(heads.EagleHead(target), top_k=3, depth=3,
-                     total_tokens=7), do_sample=True, max_new_tokens=6)
-    drafted = [t for t in trees if t.tokens.shape[1] > 1]
-    assert drafted
-    for tree in drafted:
+    for tree in sampled_trees(target, heads.Eagle(heads.EagleHead(target), top_k=3, depth=3, total_tokens=7)):
         q = tree.draft_probs
         assert q is not None and tree.tokens.shape[1] == 8
         assert torch.allclose(q[:, 1:].sum(-1), torch.ones(1)) and (q[:, 0] == 0).all()
@@ -223,23 +222,11 @@ def test_sampled_medusa_draws_each_node_from_its_head():
     (a depth-d node from head d-1), so the verifier can accept with min(1, p/q) instead of a point mass."""
     torch.manual_seed(0)
     target = tiny("llama")
-    trees = []
-
-    class Recording(heads.Medusa):
-        def propose(self, seqs):
-            trees.append(super().propose(seqs))
-            return trees[-1]
-
     medusa = heads.MedusaHeads(target, num_heads=2)
     with torch.no_grad():
         for p in medusa.parameters():  # untrained heads all repeat the LM head
             p.normal_(0, 0.3)
-    ids, mask = prompts(2, 9, seed=0)
-    specdec.generate(target, ids, attention_mask=mask, drafter=Recording(medusa, top_k=(2, 2)), do_sample=True,
-                     max_new_tokens=6)
-    drafted = [t for t in trees if t.tokens.shape[1] > 1]
-    assert drafted
-    for tree in drafted:
+    for tree in sampled_trees(target, heads.Medusa(medusa, top_k=(2, 2))):
         q = tree.draft_probs
         assert q is not None and (q[:, 0] == 0).all() and torch.allclose(q[:, 1:].sum(-1), torch.ones(1))
         assert torch.equal(q[:, 1], q[:, 2]) and torch.equal(q[:, 3], q[:, 6])  # siblings and cousins share a head
