@@ -119,7 +119,7 @@ class Eagle(Drafter):
         if not self.sampling.do_sample:
             kids = logits.log_softmax(-1).clamp(min=-1e4).double().topk(self.top_k, dim=-1)
             return kids.indices, kids.values, None
-        q = self.sampling.probs(logits, seqs.generated[:, None] + depth, seqs.end[:, None] + depth, point_mass=False)
+        q = self.sampling.probs(logits, seqs.generated[:, None] + depth, seqs.end[:, None] + depth)
         kids = torch.multinomial(q.flatten(0, 1), self.top_k, replacement=True).view(*q.shape[:2], -1)
         return kids, q.gather(-1, kids).clamp(min=1e-30).log().double(), q
 

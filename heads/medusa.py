@@ -118,8 +118,7 @@ class Medusa(Drafter):
             return Tree.drafted(tokens, parents, seqs.finished)
         # Head d drafts depth d + 1, predicted at a parent d tokens past the root, as the target would predict it.
         ahead = torch.arange(logits.shape[1], device=dev)
-        q = self.sampling.probs(logits.float(), seqs.generated[:, None] + ahead, seqs.end[:, None] + ahead,
-                                point_mass=False)[:, depths]  # (B, N, V): each node's head
+        q = self.sampling.probs(logits, seqs.generated[:, None] + ahead, seqs.end[:, None] + ahead)[:, depths]
         tokens = torch.multinomial(q.flatten(0, 1), 1).view(batch, -1)
         tokens[:, 0] = seqs.last
         q[:, 0] = 0

@@ -23,7 +23,7 @@ from .output import SpeculativeOutput, Stats
 from .sampling import Sampling
 from .sequences import Sequences
 from .tree import Tree
-from .verify import accept
+from .verify import accept, accept_greedy
 
 
 def _resolve_drafter(drafter, assistant_model, prompt_lookup_num_tokens) -> Drafter | None:
@@ -191,8 +191,11 @@ def generate(
                 logits = forward_nodes(
                     model, cache, tree.tokens, positions, Prefix(seqs.start, seqs.end - 1), tree.ancestors, positions
                 )
-            probs = sampling.probs(logits, seqs.generated[:, None] + tree.depth, seqs.end[:, None] + tree.depth)
-            acc = accept(tree, probs)
+            new_tokens, length = seqs.generated[:, None] + tree.depth, seqs.end[:, None] + tree.depth
+            if sampling.do_sample:
+                acc = accept(tree, sampling.probs(logits, new_tokens, length))
+            else:
+                acc = accept_greedy(tree, sampling.greedy_tokens(logits, new_tokens, length))
             cache.compact(cache_len + acc.path, seqs.end - 1, torch.where(active, acc.length, 0))
             count = torch.where(active, _new_token_count(acc, eos, max_new - seqs.generated), 0)
             if captured:

@@ -73,23 +73,26 @@ class Sampling:
             min_length=config.min_length or 0,
         )
 
-    def probs(self, logits, new_tokens: torch.Tensor, length: torch.Tensor, point_mass: bool = True) -> torch.Tensor:
-        """Distribution of the next token after each node, as transformers' generate defines it.
-
-        ``logits`` (B, N, V); ``new_tokens`` (B, N): tokens generated before the one predicted at each node;
-        ``length`` (B, N): the same counted as transformers counts ``input_ids.shape[-1]`` (padded prompt
-        + generated), for ``min_length``. Greedy decoding gives a point mass on the argmax (or, with
-        ``point_mass=False``, the unwarped softmax, whose argmax is the same token).
-        """
+    def _scores(self, logits, new_tokens: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        """fp32 logits with eos forbidden where the minimum length is not reached yet."""
         scores = logits.float()
         if self.eos_token_ids:
             too_short = (new_tokens < self.min_new_tokens) | (length < self.min_length)
             eos = torch.tensor(self.eos_token_ids, device=scores.device)
             scores[..., eos] = torch.where(too_short[..., None], -float("inf"), scores[..., eos])
+        return scores
+
+    def probs(self, logits, new_tokens: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        """Distribution of the next token after each node, as transformers' generate defines it.
+
+        ``logits`` (B, N, V); ``new_tokens`` (B, N): tokens generated before the one predicted at each node;
+        ``length`` (B, N): the same counted as transformers counts ``input_ids.shape[-1]`` (padded prompt
+        + generated), for ``min_length``. Greedy decoding gives the unwarped softmax, whose argmax is
+        ``greedy_tokens``' token (drafters rank their children by it).
+        """
+        scores = self._scores(logits, new_tokens, length)
         if not self.do_sample:
-            if not point_mass:
-                return scores.softmax(-1)
-            return torch.nn.functional.one_hot(scores.argmax(-1), scores.shape[-1]).to(scores.dtype)
+            return scores.softmax(-1)
         shape = scores.shape
         flat = scores.reshape(-1, shape[-1])
         if self.temperature != 1.0:
@@ -99,3 +102,7 @@ class Sampling:
         if self.top_p is not None and self.top_p < 1.0:
             flat = TopPLogitsWarper(top_p=self.top_p)(None, flat)
         return flat.softmax(-1).reshape(shape)
+
+    def greedy_tokens(self, logits, new_tokens: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        """(B, N): the token greedy decoding picks after each node (arguments as for ``probs``)."""
+        return self._scores(logits, new_tokens, length).argmax(-1)

@@ -6,7 +6,8 @@ becomes norm(max(p - q, 0)) and the next sibling is tried. If none is accepted, 
 from what is left of p. For a chain this is Leviathan et al. / Chen et al.; over i.i.d. sampled siblings it
 is SpecInfer's multi-round rejection; for deterministic drafts q is a point mass on the node's token. In
 greedy decoding p is a point mass on the target's argmax, so the rule reduces to "accept while the draft
-equals the argmax" and the bonus is the argmax.
+equals the argmax" and the bonus is the argmax; ``accept_greedy`` computes exactly that without a loop or
+a read back to the host, which a decoding loop on a GPU pays for at every tree level otherwise.
 """
 
 from __future__ import annotations
@@ -76,4 +77,32 @@ def accept(tree: Tree, target_probs: torch.Tensor) -> Acceptance:
     drafted = tree.tokens.gather(1, path[:, 1:])
     tokens = torch.cat([drafted, bonus[:, None]], dim=1)
     tokens[rows, length - 1] = bonus
+    return Acceptance(path=path, length=length, tokens=tokens)
+
+
+def accept_greedy(tree: Tree, target_tokens: torch.Tensor) -> Acceptance:
+    """``accept`` for greedy decoding, given ``target_tokens`` (B, N): the target's choice after every node.
+
+    A node is kept when its token is its parent's choice, no earlier sibling's token was, and the same holds
+    for each of its ancestors; those nodes form one chain from the root, and its deepest node's choice is the
+    bonus token. Fixed shapes: ``path`` and ``tokens`` are N wide whatever the tree's depth.
+    """
+    batch, n = tree.tokens.shape
+    dev = tree.tokens.device
+    rows = torch.arange(batch, device=dev)
+    match = (tree.tokens == target_tokens.gather(1, tree.parents.clamp(min=0))) & tree.valid
+    earlier_sibling = (tree.parents[:, :, None] == tree.parents[:, None, :]) & torch.ones(
+        n, n, dtype=torch.bool, device=dev).tril(-1)
+    first = match & ~(earlier_sibling & match[:, None, :]).any(-1)
+    first[:, 0] = True
+    kept = ~(tree.ancestors & ~first[:, None, :]).any(-1)
+    depth = tree.depth
+    leaf = torch.where(kept, depth, -1).argmax(-1)
+    length = depth[rows, leaf] + 1
+    on_path = tree.ancestors[rows, leaf]
+    # Path nodes go to their depth's column; every other node to a spare column n, dropped after.
+    path = torch.zeros(batch, n + 1, dtype=torch.long, device=dev).scatter_(
+        1, torch.where(on_path, depth, n), torch.arange(n, device=dev).expand(batch, -1))[:, :n]
+    tokens = tree.tokens.gather(1, path).roll(-1, 1)
+    tokens[rows, length - 1] = target_tokens[rows, leaf]
     return Acceptance(path=path, length=length, tokens=tokens)

@@ -1,10 +1,11 @@
 """The tree, cache and verifier pieces on hand-made inputs."""
 
+import pytest
 import torch
 
 from specdec.cache import TreeCache
 from specdec.tree import Tree
-from specdec.verify import accept
+from specdec.verify import accept, accept_greedy
 
 
 def test_from_paths_merges_shared_prefixes():
@@ -66,3 +67,27 @@ def test_prompt_lookup_prefers_a_full_continuation_over_the_latest_short_one():
     assert PromptLookup(num_draft_tokens=5, max_ngram=2)._continuations(row) == [[3, 1, 2, 3, 1]]
     both = PromptLookup(num_draft_tokens=5, max_ngram=2, tree_width=2)._continuations(row)
     assert both == [[3, 1, 2, 3, 1], [3, 1, 2]]
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_greedy_acceptance_equals_the_general_rule_on_point_masses(seed):
+    """Random trees with repeated sibling tokens (the first matching sibling wins), invalid nodes and rows of
+    different shapes: the loop-free greedy rule keeps the same path, tokens and bonus as the general one."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, n, vocab = 4, 12, 3  # a small vocabulary makes matches and repeats common
+    parents = torch.stack([torch.tensor([-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, n)])
+                           for _ in range(batch)])
+    tokens = torch.randint(0, vocab, (batch, n), generator=gen)
+    valid = torch.rand(batch, n, generator=gen) < 0.8
+    valid[:, 0] = True
+    for i in range(1, n):  # a node is valid only under a valid parent, as drafters build trees
+        valid[:, i] &= valid.gather(1, parents[:, i:i + 1].clamp(min=0)).squeeze(1)
+    tree = Tree(tokens=tokens, parents=parents, valid=valid)
+    choice = torch.randint(0, vocab, (batch, n), generator=gen)
+    expected = accept(tree, torch.nn.functional.one_hot(choice, vocab).float())
+    got = accept_greedy(tree, choice)
+    assert torch.equal(got.length, expected.length)
+    for b, length in enumerate(expected.length.tolist()):
+        assert got.path[b, :length].tolist() == expected.path[b, :length].tolist()
+        assert got.tokens[b, :length].tolist() == expected.tokens[b, :length].tolist()
+    assert got.path.shape == got.tokens.shape == (batch, n)

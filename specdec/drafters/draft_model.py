@@ -60,7 +60,7 @@ class DraftModel(Drafter):
 
     def _probs(self, logits, seqs: Sequences, depth) -> torch.Tensor:
         # Greedy drafting still needs the draft's full distribution to rank its top-k children.
-        return self.sampling.probs(logits, seqs.generated[:, None] + depth, seqs.end[:, None] + depth, point_mass=False)
+        return self.sampling.probs(logits, seqs.generated[:, None] + depth, seqs.end[:, None] + depth)
 
     def _children(self, probs: torch.Tensor) -> torch.Tensor:
         if self.sampling.do_sample:
