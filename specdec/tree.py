@@ -25,16 +25,16 @@ class Tree:
 
     @cached_property
     def ancestors(self) -> torch.Tensor:
-        """(B, N, N) bool: ``ancestors[b, i, j]`` is True when node j is node i or one of its ancestors."""
-        batch, n = self.parents.shape
-        anc = torch.zeros(batch, n, n, dtype=torch.bool, device=self.parents.device)
-        rows = torch.arange(batch, device=self.parents.device)
-        for i in range(n):
-            parent = self.parents[:, i]
-            if i:
-                anc[:, i] = anc[rows, parent.clamp(min=0)] & (parent >= 0)[:, None]
-            anc[:, i, i] = True
-        return anc
+        """(B, N, N) bool: ``ancestors[b, i, j]`` is True when node j is node i or one of its ancestors.
+
+        The reflexive-transitive closure of "is the parent of", by repeated squaring: log2(N) batched
+        matmuls, where a walk node by node costs N rounds of small ops (each a kernel launch on a GPU)."""
+        n = self.parents.shape[1]
+        nodes = torch.arange(n, device=self.parents.device)
+        reach = (self.parents[..., None] == nodes) | (nodes[:, None] == nodes)  # paths of length <= 1
+        for _ in range((n - 1).bit_length()):
+            reach = torch.bmm(reach.float(), reach.float()) > 0  # paths up to twice as long
+        return reach
 
     @cached_property
     def depth(self) -> torch.Tensor:
