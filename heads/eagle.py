@@ -102,7 +102,7 @@ class Eagle(Drafter):
         width = int(self.cached_end[0])
         if width:
             pairs = self.head.inputs(seqs.features[:, :width], seqs.tokens[:, 1 : width + 1])
-            self.forwards += prefill(self.head.decoder, self.cache, pairs, seqs.start)
+            self.forwards += prefill(self.head.decoder, self.cache, pairs, seqs.start)[0]
 
     def end(self) -> None:
         self.cache = None

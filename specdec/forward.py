@@ -117,26 +117,28 @@ def forward_nodes(
     return model(**inputs, attention_mask=attention_mask).logits
 
 
-def prefill(model, cache, tokens: torch.Tensor, start: torch.Tensor, begin: int = 0, chunk: int = 512) -> int:
+def prefill(model, cache, tokens: torch.Tensor, start: torch.Tensor, begin: int = 0,
+            chunk: int = 512) -> tuple[int, torch.Tensor | None]:
     """Feed columns ``[begin, W)`` of left-padded ``tokens`` (B, W) into a cache holding columns
-    ``[0, begin)``, in chunks so the mask stays (chunk x W) rather than (W x W). Returns the passes run."""
+    ``[0, begin)``, in chunks so the mask stays (chunk x W) rather than (W x W). Returns the passes run and
+    the logits (B, V) at column W - 1 (None when there was nothing to feed)."""
     batch, width = tokens.shape[:2]
     cols = torch.arange(width, device=tokens.device)
     positions = (cols[None, :] - start[:, None]).clamp(min=0)
     real = cols[None, :] >= start[:, None]
-    passes = 0
+    passes, logits = 0, None
     for c0 in range(begin, width, chunk):
         c1 = min(c0 + chunk, width)
         q = torch.arange(c0, c1, device=tokens.device)
         causal = (q[None, :, None] >= q[None, None, :]) & real[:, None, c0:c1]
-        forward_nodes(
+        logits = forward_nodes(
             model, cache, tokens[:, c0:c1], positions[:, c0:c1],
             Prefix(start, torch.full_like(start, c0)),
             causal | torch.eye(c1 - c0, dtype=torch.bool, device=tokens.device),
             positions[:, c0:c1],
         )
         passes += 1
-    return passes
+    return passes, None if logits is None else logits[:, -1]
 
 
 def extend_chains(model, cache, tokens: torch.Tensor, count: torch.Tensor, prefix: Prefix) -> torch.Tensor:

@@ -118,6 +118,12 @@ def _new_token_count(acc, eos: torch.Tensor, room: torch.Tensor) -> torch.Tensor
     return torch.minimum(count, room)
 
 
+def _first_token(sampling: Sampling, logits, new_tokens, length) -> torch.Tensor:
+    if sampling.do_sample:
+        return torch.multinomial(sampling.probs(logits, new_tokens, length)[:, 0], 1)[:, 0]
+    return sampling.greedy_tokens(logits, new_tokens, length)[:, 0]
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -170,15 +176,20 @@ def generate(
     eos = torch.tensor(sampling.eos_token_ids, device=dev, dtype=torch.long)
     try:
         with features.capture(model, want_features) as captured:
-            stats.target_forwards += prefill(
-                model, cache, seqs.tokens[:, : width - 1], seqs.start, begin=cache.get_seq_length()
-            )
+            passes, last = prefill(model, cache, input_ids, seqs.start, begin=cache.get_seq_length())
+        stats.target_forwards += passes
         if captured:
-            seqs.write_features(torch.zeros_like(seqs.end), torch.cat(captured, 1), torch.full_like(seqs.end, width - 1))
+            seqs.write_features(torch.zeros_like(seqs.end), torch.cat(captured, 1), torch.full_like(seqs.end, width))
+        # The prompt's pass already gives the first token, as in plain decoding; trees grow from it.
+        first = _first_token(sampling, last[:, None], seqs.generated[:, None], seqs.end[:, None])
+        seqs.append(first[:, None], torch.ones_like(first))
+        seqs.finished |= (seqs.generated >= max_new) | torch.isin(first, eos)
+        stats.new_tokens += batch
         if drafter is not None:
             drafter.begin(model, seqs, sampling)
         if streamer is not None:
             streamer.put(input_ids.cpu())
+            streamer.put(first.cpu())
         while not bool(seqs.finished.all()):
             active = ~seqs.finished
             t0 = _sync(dev)

@@ -17,7 +17,7 @@ class Stats:
     row_steps: int = 0  # sum over steps of the rows still generating
     drafted_tokens: int = 0  # valid drafted nodes offered to the verifier, over active rows
     accepted_tokens: int = 0  # drafted tokens the verifier accepted
-    new_tokens: int = 0  # tokens emitted by verification steps (accepted + bonus, cut at eos / max)
+    new_tokens: int = 0  # tokens emitted: the prompt pass's first, then accepted + bonus, cut at eos / max
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
 

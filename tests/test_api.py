@@ -85,3 +85,21 @@ def test_stats_add_pools_counters_so_tau_is_the_pooled_one():
     total = sum([a, b], specdec.Stats())
     assert total.target_forwards == 8 and total.new_tokens == 12
     assert total.tau == (6 + 6) / 6 and total.acceptance_rate == 6 / 24
+
+
+def test_no_drafter_costs_one_target_forward_per_token_as_generate_does():
+    """The prompt's pass yields the first token, as in plain decoding (it used to cost one pass more: the
+    prompt's last token waited for the first tree)."""
+    model = tiny("llama")
+    ids, _ = prompts(1, 6, 0)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        res = specdec.generate(model, ids, max_new_tokens=10, eos_token_id=None, return_dict_in_generate=True)
+        ours = len(calls)
+        calls.clear()
+        model.generate(ids, max_new_tokens=10, eos_token_id=None)
+    finally:
+        hook.remove()
+    assert ours == len(calls) == res.stats.target_forwards == 10
+    assert res.stats.steps == 9 and res.stats.new_tokens == 10

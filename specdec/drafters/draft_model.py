@@ -52,7 +52,7 @@ class DraftModel(Drafter):
         self.sampling = sampling
         self.cache = TreeCache(seqs.tokens.shape[1])
         width = seqs.prompt_length
-        self.forwards += prefill(self.model, self.cache, seqs.tokens[:, : width - 1], seqs.start)
+        self.forwards += prefill(self.model, self.cache, seqs.tokens[:, : width - 1], seqs.start)[0]
         self.cached_end = torch.full_like(seqs.end, width - 1)
 
     def end(self) -> None:
