@@ -119,6 +119,7 @@ def _new_token_count(acc, eos: torch.Tensor, room: torch.Tensor) -> torch.Tensor
 
 
 def _first_token(sampling: Sampling, logits, new_tokens, length) -> torch.Tensor:
+    """The token the prompt's pass predicts, drawn exactly as plain decoding draws it (nothing to verify)."""
     if sampling.do_sample:
         return torch.multinomial(sampling.probs(logits, new_tokens, length)[:, 0], 1)[:, 0]
     return sampling.greedy_tokens(logits, new_tokens, length)[:, 0]
