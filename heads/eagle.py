@@ -39,9 +39,12 @@ from .target import Borrowed, check_device, check_fingerprint, feature_size, fin
 
 
 def decoder_config(config):
-    """The target's config cut to one full-attention layer."""
+    """The target's config cut to one full-attention layer, with a one-token vocabulary: the embedding and
+    LM head are the target's, borrowed, so building vocabulary-sized ones (gigabytes for a large model) would
+    only be thrown away."""
     config = copy.deepcopy(config)
     config.num_hidden_layers = 1
+    config.vocab_size, config.pad_token_id = 1, None
     if getattr(config, "layer_types", None) is not None:
         config.layer_types = ["full_attention"]
     if getattr(config, "sliding_window", None) is not None:

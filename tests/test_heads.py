@@ -232,3 +232,17 @@ def test_sampled_medusa_draws_each_node_from_its_head():
         assert torch.equal(q[:, 1], q[:, 2]) and torch.equal(q[:, 3], q[:, 6])  # siblings and cousins share a head
         assert not torch.equal(q[:, 1], q[:, 3])
         assert (q[:, 1:].gather(-1, tree.tokens[:, 1:, None]) > 0).all()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_eagle_head_builds_no_vocabulary_sized_module(arch, monkeypatch):
+    """The head borrows the target's embedding and LM head; building its own first would cost gigabytes for a
+    large vocabulary, thrown away at once."""
+    target = tiny(arch, vocab_size=4096)
+    built = []
+    for cls in (torch.nn.Embedding, torch.nn.Linear):
+        init = cls.__init__
+        monkeypatch.setattr(cls, "__init__", lambda self, *a, _init=init, **k: (built.append(a[:2]), _init(self, *a, **k))[1])
+    head = heads.EagleHead(target)
+    assert built and all(4096 not in sizes for sizes in built)
+    assert head.decoder.get_output_embeddings().module is target.get_output_embeddings()
