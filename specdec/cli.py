@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--draft-tokens", type=int, default=6, help="our draft model's chain length")
     bench.add_argument("--lookup-tokens", type=int, default=10, help="prompt lookup's tokens, ours and theirs")
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    bench.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="auto: bfloat16 on a GPU, float32 on a CPU (where bf16 matmuls are slow)")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--out", help="write the record as JSON here")
     for name in DELEGATED:
@@ -64,8 +65,9 @@ def main(argv=None) -> None:
 def _bench(args, argv) -> None:
     from . import bench, embedded
 
+    dtype = args.dtype if args.dtype != "auto" else "float32" if torch.device(args.device).type == "cpu" else "bfloat16"
     models = embedded.load(args.models, target=args.target, draft=args.draft, medusa=args.medusa, eagle=args.eagle,
-                           device=args.device, dtype=getattr(torch, args.dtype))
+                           device=args.device, dtype=getattr(torch, dtype))
     prompts = models.prompts(args.prompts)
     record = bench.measure(models, prompts, modes=args.modes, max_new_tokens=args.max_new_tokens, only=args.only,
                            seed=args.seed, draft_tokens=args.draft_tokens, lookup_tokens=args.lookup_tokens)
