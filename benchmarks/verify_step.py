@@ -1,9 +1,9 @@
 """Time one verification step of an 8B-shaped Llama against its memory-bandwidth floor.
 
 A step is what ``specdec.generate`` runs per verification, batch 1, greedy: ``forward_nodes`` over a T-node
-tree (each node with up to 4 children, breadth first) on a cache of P tokens, the target's greedy choices,
-``accept_greedy`` and the cache compaction; the cache is cropped back to P between steps so every step sees
-the same state. Weights are random (cost only), bf16.
+tree (each node with up to 4 children, breadth first) on a cache of P tokens, ``verify`` and the cache
+compaction; the cache is cropped back to P between steps so every step sees the same state. Weights are
+random (cost only), bf16.
 
 - ``step ms``: host wall time per step, synchronised, median of ``--steps`` after warm-up: what the
   decoding loop pays today;
@@ -32,7 +32,7 @@ from specdec.cache import TreeCache
 from specdec.forward import Prefix, forward_nodes, prefill
 from specdec.sampling import Sampling
 from specdec.tree import Tree
-from specdec.verify import accept_greedy
+from specdec.verify import verify
 
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
@@ -108,7 +108,7 @@ def run_row(model, p: int, t: int, steps: int, warmup: int, copy_bps: float) -> 
 
     def step():
         logits = forward_nodes(model, cache, tree.tokens, positions, prefix, tree.ancestors, positions)
-        acc = accept_greedy(tree, sampling.greedy_tokens(logits, tree.depth, p + tree.depth))
+        acc = verify(tree, logits, sampling, tree.depth, p + tree.depth)
         cache.compact(p + acc.path, prefix.end, acc.length)
         cache.crop(p)
 

@@ -97,8 +97,7 @@ class Eagle(Drafter):
         check_device(self.head, target)
 
     def begin(self, target, seqs: Sequences, sampling: Sampling) -> None:
-        self.forwards = 0
-        self.sampling = sampling
+        super().begin(target, seqs, sampling)
         self.cache = TreeCache(seqs.tokens.shape[1])
         # Pairs (f_c, x_{c+1}) for every column whose feature is known, except the last: propose feeds it.
         self.cached_end = torch.full_like(seqs.end, max(seqs.prompt_length - 2, 0))
@@ -123,7 +122,7 @@ class Eagle(Drafter):
             kids = logits.log_softmax(-1).clamp(min=-1e4).double().topk(self.top_k, dim=-1)
             return kids.indices, kids.values, None
         q = self.sampling.probs(logits, seqs.generated[:, None] + depth, seqs.end[:, None] + depth)
-        kids = torch.multinomial(q.flatten(0, 1), self.top_k, replacement=True).view(*q.shape[:2], -1)
+        kids = self.sampling.children(q, self.top_k)
         return kids, q.gather(-1, kids).clamp(min=1e-30).log().double(), q
 
     @torch.no_grad()

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from specdec.drafters.base import Drafter, require_positive
-from specdec.sampling import Sampling
 from specdec.sequences import Sequences
 from specdec.tree import Tree
 
@@ -96,10 +95,6 @@ class Medusa(Drafter):
         check_fingerprint(self.heads.target_fingerprint, target, "These Medusa heads")
         check_device(self.heads, target)
 
-    def begin(self, target, seqs: Sequences, sampling: Sampling) -> None:
-        self.forwards = 0
-        self.sampling = sampling
-
     @torch.no_grad()
     def propose(self, seqs: Sequences) -> Tree:
         if seqs.features is None:  # one-token prompts: no feature yet
@@ -119,7 +114,7 @@ class Medusa(Drafter):
         # Head d drafts depth d + 1, predicted at a parent d tokens past the root, as the target would predict it.
         ahead = torch.arange(logits.shape[1], device=dev)
         q = self.sampling.probs(logits, seqs.generated[:, None] + ahead, seqs.end[:, None] + ahead)[:, depths]
-        tokens = torch.multinomial(q.flatten(0, 1), 1).view(batch, -1)
+        tokens = self.sampling.children(q, 1)[..., 0]
         tokens[:, 0] = seqs.last
         q[:, 0] = 0
         return Tree.drafted(tokens, parents, seqs.finished, q)

@@ -66,16 +66,22 @@ def strategies(models: Models, *, draft_tokens: int = 6, lookup_tokens: int = 10
     return found
 
 
-class _ForwardCounter:
+class ForwardCounter:
+    """``with ForwardCounter(model) as counter:`` counts ``model``'s forward passes in ``counter.count``,
+    whoever makes them (transformers' loops or ours)."""
+
     def __init__(self, model):
-        self.count = 0
-        self._hook = model.register_forward_pre_hook(self._count)
+        self.model, self.count = model, 0
+
+    def __enter__(self) -> "ForwardCounter":
+        self._hook = self.model.register_forward_pre_hook(self._count)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hook.remove()
 
     def _count(self, module, args):
         self.count += 1
-
-    def close(self):
-        self._hook.remove()
 
 
 def _sync(device: torch.device) -> float:
@@ -102,10 +108,9 @@ def measure(models: Models, prompts: list[str], *, modes=("greedy", "sample"), m
     device = target.device
     inputs = [tok(p, return_tensors="pt").to(device) for p in prompts]
     settings = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
-    counter = _ForwardCounter(target)
     results, texts = [], {}
-    bar = tqdm(total=len(modes) * len(chosen) * (len(inputs) + 1), disable=not progress, desc="bench")
-    try:
+    total_runs = len(modes) * len(chosen) * (len(inputs) + 1)
+    with ForwardCounter(target) as counter, tqdm(total=total_runs, disable=not progress, desc="bench") as bar:
         for mode in modes:
             reference = None
             for strategy in chosen:
@@ -118,11 +123,10 @@ def measure(models: Models, prompts: list[str], *, modes=("greedy", "sample"), m
                 outputs = []
                 for n, x in enumerate(inputs):
                     torch.manual_seed(seed + n)
-                    counter.count = 0
-                    start = _sync(device)
+                    before, start = counter.count, _sync(device)
                     sequences, stats = strategy.run(x["input_ids"], x["attention_mask"], **kwargs)
                     total["seconds"] += _sync(device) - start
-                    total["forwards"] += counter.count
+                    total["forwards"] += counter.count - before
                     new = sequences[0, x["input_ids"].shape[1]:]
                     outputs.append(new.tolist())
                     total["tokens"] += len(new)
@@ -140,9 +144,6 @@ def measure(models: Models, prompts: list[str], *, modes=("greedy", "sample"), m
                     "same_text": outputs == reference if mode == "greedy" else None,
                 })
                 texts[f"{mode}: {strategy.name}"] = [tok.decode(o, skip_special_tokens=True) for o in outputs]
-    finally:
-        counter.close()
-        bar.close()
     for mode in modes:
         rows = [r for r in results if r["mode"] == mode]
         base = rows[0]["tokens_per_s"]

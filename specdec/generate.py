@@ -23,7 +23,7 @@ from .output import SpeculativeOutput, Stats
 from .sampling import Sampling
 from .sequences import Sequences
 from .tree import Tree
-from .verify import accept, accept_greedy
+from .verify import verify
 
 
 def _resolve_drafter(drafter, assistant_model, prompt_lookup_num_tokens) -> Drafter | None:
@@ -118,13 +118,6 @@ def _new_token_count(acc, eos: torch.Tensor, room: torch.Tensor) -> torch.Tensor
     return torch.minimum(count, room)
 
 
-def _first_token(sampling: Sampling, logits, new_tokens, length) -> torch.Tensor:
-    """The token the prompt's pass predicts, drawn exactly as plain decoding draws it (nothing to verify)."""
-    if sampling.do_sample:
-        return torch.multinomial(sampling.probs(logits, new_tokens, length)[:, 0], 1)[:, 0]
-    return sampling.greedy_tokens(logits, new_tokens, length)[:, 0]
-
-
 @torch.no_grad()
 def generate(
     model,
@@ -181,8 +174,10 @@ def generate(
         stats.target_forwards += passes
         if captured:
             seqs.write_features(torch.zeros_like(seqs.end), torch.cat(captured, 1), torch.full_like(seqs.end, width))
-        # The prompt's pass already gives the first token, as in plain decoding; trees grow from it.
-        first = _first_token(sampling, last[:, None], seqs.generated[:, None], seqs.end[:, None])
+        # The prompt's pass already gives the first token, as in plain decoding: the bonus token of a tree
+        # with nothing drafted. Trees grow from it.
+        first = verify(Tree.root_only(seqs.last), last[:, None], sampling, seqs.generated[:, None],
+                       seqs.end[:, None]).tokens[:, 0]
         seqs.append(first[:, None], torch.ones_like(first))
         seqs.finished |= (seqs.generated >= max_new) | torch.isin(first, eos)
         stats.new_tokens += batch
@@ -203,11 +198,7 @@ def generate(
                 logits = forward_nodes(
                     model, cache, tree.tokens, positions, Prefix(seqs.start, seqs.end - 1), tree.ancestors, positions
                 )
-            new_tokens, length = seqs.generated[:, None] + tree.depth, seqs.end[:, None] + tree.depth
-            if sampling.do_sample:
-                acc = accept(tree, sampling.probs(logits, new_tokens, length))
-            else:
-                acc = accept_greedy(tree, sampling.greedy_tokens(logits, new_tokens, length))
+            acc = verify(tree, logits, sampling, seqs.generated[:, None] + tree.depth, seqs.end[:, None] + tree.depth)
             cache.compact(cache_len + acc.path, seqs.end - 1, torch.where(active, acc.length, 0))
             count = torch.where(active, _new_token_count(acc, eos, max_new - seqs.generated), 0)
             if captured:

@@ -103,6 +103,13 @@ class Sampling:
             flat = TopPLogitsWarper(top_p=self.top_p)(None, flat)
         return flat.softmax(-1).reshape(shape)
 
+    def children(self, probs: torch.Tensor, k: int) -> torch.Tensor:
+        """``k`` children for each distribution in ``probs`` (..., V): the ``k`` most likely tokens when greedy,
+        ``k`` i.i.d. draws when sampling, as SpecInfer's verification of sibling drafts requires."""
+        if not self.do_sample:
+            return probs.topk(k, dim=-1).indices
+        return torch.multinomial(probs.reshape(-1, probs.shape[-1]), k, replacement=True).view(*probs.shape[:-1], k)
+
     def greedy_tokens(self, logits, new_tokens: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
         """(B, N): the token greedy decoding picks after each node (arguments as for ``probs``)."""
         return self._scores(logits, new_tokens, length).argmax(-1)

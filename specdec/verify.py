@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .sampling import Sampling
 from .tree import Tree
 
 
@@ -24,6 +25,16 @@ class Acceptance:
     path: torch.Tensor  # (B, D+1) node indices from the root, padded with 0
     length: torch.Tensor  # (B,) nodes on the path, >= 1: accepted drafts + the root
     tokens: torch.Tensor  # (B, D+1) new tokens: the path's drafted tokens, then the bonus token
+
+
+def verify(tree: Tree, logits: torch.Tensor, sampling: Sampling, new_tokens: torch.Tensor,
+           length: torch.Tensor) -> Acceptance:
+    """The accepted path given the target's ``logits`` (B, N, V) after every node, processed as ``generate``
+    would (``new_tokens`` and ``length`` as for ``Sampling.probs``): ``accept_greedy`` when decoding greedily,
+    ``accept`` on the warped distributions when sampling."""
+    if sampling.do_sample:
+        return accept(tree, sampling.probs(logits, new_tokens, length))
+    return accept_greedy(tree, sampling.greedy_tokens(logits, new_tokens, length))
 
 
 def accept(tree: Tree, target_probs: torch.Tensor) -> Acceptance:

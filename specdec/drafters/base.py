@@ -32,7 +32,9 @@ class Drafter:
         pass
 
     def begin(self, target, seqs: Sequences, sampling: Sampling) -> None:
+        """Per-call setup; overrides call this first, for ``forwards`` and ``sampling``."""
         self.forwards = 0
+        self.sampling = sampling
 
     def propose(self, seqs: Sequences) -> Tree:
         raise NotImplementedError

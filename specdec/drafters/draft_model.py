@@ -48,8 +48,7 @@ class DraftModel(Drafter):
             )
 
     def begin(self, target, seqs: Sequences, sampling: Sampling) -> None:
-        self.forwards = 0
-        self.sampling = sampling
+        super().begin(target, seqs, sampling)
         self.cache = TreeCache(seqs.tokens.shape[1])
         width = seqs.prompt_length
         self.forwards += prefill(self.model, self.cache, seqs.tokens[:, : width - 1], seqs.start)[0]
@@ -61,12 +60,6 @@ class DraftModel(Drafter):
     def _probs(self, logits, seqs: Sequences, depth) -> torch.Tensor:
         # Greedy drafting still needs the draft's full distribution to rank its top-k children.
         return self.sampling.probs(logits, seqs.generated[:, None] + depth, seqs.end[:, None] + depth)
-
-    def _children(self, probs: torch.Tensor) -> torch.Tensor:
-        if self.sampling.do_sample:
-            flat = probs.reshape(-1, probs.shape[-1])
-            return torch.multinomial(flat, self.tree_width, replacement=True).reshape(*probs.shape[:-1], -1)
-        return probs.topk(self.tree_width, dim=-1).indices
 
     @torch.no_grad()
     def propose(self, seqs: Sequences) -> Tree:
@@ -94,7 +87,7 @@ class DraftModel(Drafter):
         root_pos = (seqs.end - 1 - seqs.start)[:, None]
         n_nodes = 1
         for level in range(1, self.num_draft_tokens + 1):
-            kids = self._children(frontier_probs)  # (B, F, w)
+            kids = self.sampling.children(frontier_probs, w)  # (B, F, w)
             k = kids.shape[1] * w
             kid_logp = (frontier_probs.gather(-1, kids).clamp(min=1e-30).log()
                         + torch.cat(logp, 1).gather(1, frontier)[..., None])

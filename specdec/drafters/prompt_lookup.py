@@ -14,8 +14,8 @@ class PromptLookup(Drafter):
 
     Tries n from ``max_ngram`` down to ``min_ngram`` and takes up to ``tree_width`` distinct continuations
     of up to ``num_draft_tokens`` tokens, the longest first and among those the most recent, merged into one
-    tree. No model runs; the
-    drafts are deterministic, so sampling stays lossless through point-mass proposals.
+    tree. No model runs; the drafts are deterministic, so sampling stays lossless through point-mass
+    proposals.
     """
 
     def __init__(self, num_draft_tokens: int = 10, max_ngram: int = 3, min_ngram: int = 1, tree_width: int = 1):
@@ -31,9 +31,11 @@ class PromptLookup(Drafter):
         length = row.shape[0]
         for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
             windows = row[:-1].unfold(0, n, 1)  # windows ending before the last token
-            starts = ((windows == row[-n:]).all(-1).nonzero().flatten() + n).tolist()
-            # A match just before the tail has little after it: the longest continuation first, then the latest.
-            for start in sorted(starts, key=lambda s: (min(self.num_draft_tokens, length - s), s), reverse=True):
+            starts = (windows == row[-n:]).all(-1).nonzero().flatten() + n  # ascending
+            # A match just before the tail has little after it: full-length continuations first, latest first,
+            # then the shorter ones, longest (earliest) first.
+            full = starts <= length - self.num_draft_tokens
+            for start in torch.cat([starts[full].flip(0), starts[~full]]).tolist():
                 cont = row[start : start + self.num_draft_tokens].tolist()
                 if cont and cont not in found:
                     found.append(cont)
