@@ -205,4 +205,4 @@ class Eagle(Drafter):
             draft_probs = torch.cat([torch.zeros_like(kept_q[:, :1]), kept_q], 1)
         return Tree.drafted(torch.cat([seqs.last[:, None], tokens.gather(1, keep)], 1),
                             torch.cat([torch.full((batch, 1), -1, device=dev), tree_parents], 1), seqs.finished,
-                            draft_probs)
+                            draft_probs, max_depth=self.depth, max_children=k)

@@ -10,6 +10,7 @@ distribution (warped as the target's is), so siblings are i.i.d. and verify by m
 
 from __future__ import annotations
 
+import collections
 import itertools
 
 import torch
@@ -90,6 +91,8 @@ class Medusa(Drafter):
         self.depths = torch.tensor([0] + [len(p) - 1 for p in tree])  # which head drafts each node
         self.ranks = torch.tensor([0] + [p[-1] for p in tree])
         self.k = max(p[-1] for p in tree) + 1
+        self.max_depth = max(len(p) for p in tree)
+        self.max_children = max(collections.Counter(p[:-1] for p in tree).values())
 
     def check(self, target) -> None:
         check_fingerprint(self.heads.target_fingerprint, target, "These Medusa heads")
@@ -110,11 +113,11 @@ class Medusa(Drafter):
         if not self.sampling.do_sample:
             tokens = logits.topk(self.k, dim=-1).indices[:, depths, ranks]
             tokens[:, 0] = seqs.last
-            return Tree.drafted(tokens, parents, seqs.finished)
+            return Tree.drafted(tokens, parents, seqs.finished, None, self.max_depth, self.max_children)
         # Head d drafts depth d + 1, predicted at a parent d tokens past the root, as the target would predict it.
         ahead = torch.arange(logits.shape[1], device=dev)
         q = self.sampling.probs(logits, seqs.generated[:, None] + ahead, seqs.end[:, None] + ahead)[:, depths]
         tokens = self.sampling.children(q, 1)[..., 0]
         tokens[:, 0] = seqs.last
         q[:, 0] = 0
-        return Tree.drafted(tokens, parents, seqs.finished, q)
+        return Tree.drafted(tokens, parents, seqs.finished, q, self.max_depth, self.max_children)

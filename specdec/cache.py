@@ -7,6 +7,11 @@ moves each row's accepted path to the row's own end, so rejected branches cost o
 re-prefilled. Buffers are preallocated and grow by doubling, instead of the ``torch.cat`` per step of
 ``DynamicCache``, which copies the whole cache every token.
 
+A step captured in a CUDA graph needs fixed shapes: ``hold(C)`` keeps the cache's length at C, so every tree
+is written to the same columns [C, C + N) and compacted from there (see :mod:`specdec.graphs`). Buffers are
+zero-filled, since columns below C that no row has reached yet are then read (and masked) too, and masking
+does not cancel a NaN that uninitialised memory may hold.
+
 Sliding-window layers keep their full history here; the window is applied by the attention mask, which is
 exact, at the cost of memory proportional to the sequence rather than to the window.
 """
@@ -29,8 +34,8 @@ class TreeLayer(DynamicLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        self._k = key_states.new_empty(*key_states.shape[:2], self.capacity, key_states.shape[-1])
-        self._v = value_states.new_empty(*value_states.shape[:2], self.capacity, value_states.shape[-1])
+        self._k = key_states.new_zeros(*key_states.shape[:2], self.capacity, key_states.shape[-1])
+        self._v = value_states.new_zeros(*value_states.shape[:2], self.capacity, value_states.shape[-1])
         self.is_initialized = True
         self._set_length(0)
 
@@ -45,7 +50,7 @@ class TreeLayer(DynamicLayer):
         capacity = max(length, 2 * self._k.shape[2])
         for name in ("_k", "_v"):
             old = getattr(self, name)
-            new = old.new_empty(*old.shape[:2], capacity, old.shape[-1])
+            new = old.new_zeros(*old.shape[:2], capacity, old.shape[-1])
             new[:, :, : self.length] = old[:, :, : self.length]
             setattr(self, name, new)
 
@@ -102,13 +107,22 @@ class TreeCache(Cache):
             tree_cache.layers.append(tree_layer)
         return tree_cache
 
-    def compact(self, src: torch.Tensor, dest: torch.Tensor, keep: torch.Tensor) -> None:
+    def compact(self, src: torch.Tensor, dest: torch.Tensor, keep: torch.Tensor, length: int | None = None) -> None:
         """Move ``keep[b]`` columns ``src[b, :keep[b]]`` of each row to ``dest[b], dest[b] + 1, ...``.
 
         On CUDA a Triton kernel copies exactly the kept columns, once. The reference path also writes
         the columns past ``keep[b]`` (with whatever ``src`` names there); they lie beyond the row's new
-        end, where attention never looks. The cache is then cropped to the longest row.
+        end, where attention never looks. The cache is then cropped to ``length``, by default the longest
+        row (a read of the device), or to the held length.
         """
-        length = int((dest + keep).max())
+        if length is None:
+            length = int((dest + keep).max())
         for layer in self.layers:
             layer.compact(src, dest, keep, length)
+
+    def hold(self, length: int, room: int) -> None:
+        """Set every layer's length to ``length`` (past every row's end) with ``room`` columns after it."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer._reserve(length + room)
+                layer._set_length(length)

@@ -19,6 +19,7 @@ from .drafters.base import Drafter, require_positive
 from .drafters.draft_model import DraftModel
 from .drafters.prompt_lookup import PromptLookup
 from .forward import Prefix, check_model, forward_nodes, prefill
+from .graphs import StepGraphs
 from .output import SpeculativeOutput, Stats
 from .sampling import Sampling
 from .sequences import Sequences
@@ -118,6 +119,51 @@ def _new_token_count(acc, eos: torch.Tensor, room: torch.Tensor) -> torch.Tensor
     return torch.minimum(count, room)
 
 
+def _addresses(seqs: Sequences, cache) -> tuple:
+    """Where the buffers a captured step writes to live."""
+    tensors = [seqs.tokens, seqs.features] + [t for layer in cache.layers for t in (layer._k, layer._v)]
+    return tuple(t.data_ptr() for t in tensors if t is not None)
+
+
+# Counters a step adds up on the device, so that keeping statistics reads nothing back per step.
+COUNTERS = ("row_steps", "drafted_tokens", "accepted_tokens", "new_tokens")
+
+
+def verify_step(model, cache, seqs: Sequences, tree: Tree, sampling: Sampling, counters: torch.Tensor,
+                want_features: bool, held: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One verification: the target runs once over ``tree``, each row's accepted path stays in ``cache``
+    and is appended to ``seqs``, and ``counters`` (see ``COUNTERS``) grow. Returns the new tokens (B, D)
+    and how many of them each row keeps.
+
+    Every write is in place, and with the cache held at length ``held`` (``TreeCache.hold``) nothing reads
+    the device, so a CUDA graph can capture the whole step (:mod:`specdec.graphs`). Without ``held`` the
+    tree goes after the cache's current length, which is then cropped to the longest row.
+    """
+    active = ~seqs.finished
+    cache_len = cache.get_seq_length()
+    positions = (seqs.end - 1 - seqs.start)[:, None] + tree.depth
+    with features.capture(model, want_features) as captured:
+        logits = forward_nodes(
+            model, cache, tree.tokens, positions, Prefix(seqs.start, seqs.end - 1), tree.ancestors, positions
+        )
+    acc = verify(tree, logits, sampling, seqs.generated[:, None] + tree.depth, seqs.end[:, None] + tree.depth)
+    cache.compact(cache_len + acc.path, seqs.end - 1, torch.where(active, acc.length, 0), held)
+    eos = sampling.eos(tree.tokens.device)
+    count = torch.where(active, _new_token_count(acc, eos, seqs.limit - seqs.end), 0)
+    if captured:
+        path_features = captured[0].gather(1, acc.path[..., None].expand(-1, -1, captured[0].shape[-1]))
+        seqs.write_features(seqs.end - 1, path_features, count)
+    seqs.append(acc.tokens, count)
+    seqs.finished |= (seqs.end >= seqs.limit) | (torch.isin(seqs.last, eos) & (count > 0))
+    counters += torch.stack([
+        active.sum(),
+        (tree.valid[:, 1:] & active[:, None]).sum(),
+        torch.where(active, acc.length - 1, 0).sum(),
+        count.sum(),
+    ])
+    return acc.tokens, count
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -130,6 +176,7 @@ def generate(
     generation_config=None,
     streamer=None,
     past_key_values=None,
+    fast_path: bool | None = None,
     **kwargs,
 ):
     """Generate as ``model.generate`` would, verifying drafted tokens in one target pass per step.
@@ -137,6 +184,11 @@ def generate(
     Greedy output equals ``model.generate(do_sample=False)`` token for token; sampled output follows the
     target's distribution exactly. Returns a LongTensor, or with ``return_dict_in_generate=True`` a
     :class:`~specdec.output.SpeculativeOutput` whose ``.stats`` count forwards, drafts and acceptance.
+
+    ``fast_path``: None (default) captures each verification step as a CUDA graph on a GPU and replays it,
+    and runs the dynamic path on a CPU; True runs the fixed-shape step everywhere (without graphs on a
+    CPU, where it checks that path); False always runs the dynamic path. A model whose step cannot be
+    captured falls back to the dynamic path, with a warning said once.
     """
     check_model(model, "model")
     drafter = _resolve_drafter(drafter, assistant_model, prompt_lookup_num_tokens)
@@ -144,6 +196,8 @@ def generate(
         raise ValueError("`input_ids` must be a LongTensor of shape (batch, prompt_length).")
     if input_ids.shape[1] == 0:
         raise ValueError("`input_ids` is empty: each row needs at least one token.")
+    if fast_path not in (None, True, False):
+        raise ValueError(f"`fast_path` must be None, True or False, got {fast_path!r}.")
     batch, width = input_ids.shape
     config, max_new = _resolve_config(model, generation_config, kwargs, width)
     sampling = Sampling.from_config(config)
@@ -161,13 +215,22 @@ def generate(
             f"{type(drafter).__name__} drafts from the target's features of the whole prompt, which a "
             f"prefilled `past_key_values` skips; pass the prompt without `past_key_values`."
         )
-    capacity = width + max_new + 64
-    cache = _resolve_cache(past_key_values, input_ids, capacity)
+    seqs = Sequences.from_prompt(input_ids, mask, max_new)
+    cache = _resolve_cache(past_key_values, input_ids, seqs.tokens.shape[1])
 
     stats = Stats()
-    seqs = Sequences.from_prompt(input_ids, mask, capacity)
     dev = input_ids.device
-    eos = torch.tensor(sampling.eos_token_ids, device=dev, dtype=torch.long)
+    counters = torch.zeros(len(COUNTERS), dtype=torch.long, device=dev)
+    eos = sampling.eos(dev)
+    graphs = StepGraphs(enabled=fast_path is not False and dev.type == "cuda")
+    # Held cache length for fixed shapes: every row's cached columns end before the sequence limit.
+    held = seqs.limit if fast_path or graphs.enabled else None
+
+    def step(tree: Tree):
+        if held is not None:  # again, for a step re-run after a failed capture left the cache written to
+            cache.hold(held, tree.tokens.shape[1])
+        return verify_step(model, cache, seqs, tree, sampling, counters, want_features, held)
+
     try:
         with features.capture(model, want_features) as captured:
             passes, last = prefill(model, cache, input_ids, seqs.start, begin=cache.get_seq_length())
@@ -179,52 +242,37 @@ def generate(
         first = verify(Tree.root_only(seqs.last), last[:, None], sampling, seqs.generated[:, None],
                        seqs.end[:, None]).tokens[:, 0]
         seqs.append(first[:, None], torch.ones_like(first))
-        seqs.finished |= (seqs.generated >= max_new) | torch.isin(first, eos)
-        stats.new_tokens += batch
+        seqs.finished |= (seqs.end >= seqs.limit) | torch.isin(first, eos)
+        counters[COUNTERS.index("new_tokens")] += batch
         if drafter is not None:
             drafter.begin(model, seqs, sampling)
         if streamer is not None:
             streamer.put(input_ids.cpu())
             streamer.put(first.cpu())
         while not bool(seqs.finished.all()):
-            active = ~seqs.finished
             t0 = _sync(dev)
             tree = drafter.propose(seqs) if drafter is not None else Tree.root_only(seqs.last)
             t1 = _sync(dev)
-            cache_len = cache.get_seq_length()
-            root_pos = (seqs.end - 1 - seqs.start)[:, None]
-            positions = root_pos + tree.depth
-            with features.capture(model, want_features) as captured:
-                logits = forward_nodes(
-                    model, cache, tree.tokens, positions, Prefix(seqs.start, seqs.end - 1), tree.ancestors, positions
-                )
-            acc = verify(tree, logits, sampling, seqs.generated[:, None] + tree.depth, seqs.end[:, None] + tree.depth)
-            cache.compact(cache_len + acc.path, seqs.end - 1, torch.where(active, acc.length, 0))
-            count = torch.where(active, _new_token_count(acc, eos, max_new - seqs.generated), 0)
-            if captured:
-                path_features = captured[0].gather(1, acc.path[..., None].expand(-1, -1, captured[0].shape[-1]))
-                seqs.write_features(seqs.end - 1, path_features, count)
-            seqs.append(acc.tokens, count)
-            hit_eos = torch.isin(seqs.last, eos)
-            seqs.finished |= (seqs.generated >= max_new) | (hit_eos & (count > 0))
+            if held is not None:
+                cache.hold(held, tree.tokens.shape[1])  # before the graph's key: buffers that grow move
+            tokens, count = graphs.run(step, tree, _addresses(seqs, cache))
+            if fast_path is None and not graphs.enabled:
+                held = None
             t2 = _sync(dev)
-
             stats.steps += 1
             stats.target_forwards += 1
-            stats.row_steps += int(active.sum())
-            stats.drafted_tokens += int((tree.valid[:, 1:] & active[:, None]).sum())
-            stats.accepted_tokens += int(torch.where(active, acc.length - 1, 0).sum())
-            stats.new_tokens += int(count.sum())
             stats.draft_seconds += t1 - t0
             stats.verify_seconds += t2 - t1
             if streamer is not None:
-                streamer.put(acc.tokens[0, : int(count[0])].cpu())
+                streamer.put(tokens[0, : int(count[0])].cpu())
         if streamer is not None:
             streamer.end()
     finally:
         if drafter is not None:
             stats.draft_forwards = drafter.forwards
             drafter.end()
+    for name, value in zip(COUNTERS, counters.tolist()):
+        setattr(stats, name, value)
 
     out_width = int(seqs.end.max())
     sequences = seqs.tokens[:, :out_width].clone()

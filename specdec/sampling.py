@@ -7,6 +7,7 @@ draft's proposal distribution q is comparable to the target's p.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
@@ -73,12 +74,17 @@ class Sampling:
             min_length=config.min_length or 0,
         )
 
+    def eos(self, device) -> torch.Tensor:
+        """The eos ids as a tensor on ``device``, made once: a step captured in a CUDA graph may not copy
+        from the host."""
+        return _on_device(self.eos_token_ids, torch.device(device))
+
     def _scores(self, logits, new_tokens: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
         """fp32 logits with eos forbidden where the minimum length is not reached yet."""
         scores = logits.float()
         if self.eos_token_ids:
             too_short = (new_tokens < self.min_new_tokens) | (length < self.min_length)
-            eos = torch.tensor(self.eos_token_ids, device=scores.device)
+            eos = self.eos(scores.device)
             scores[..., eos] = torch.where(too_short[..., None], -float("inf"), scores[..., eos])
         return scores
 
@@ -110,6 +116,18 @@ class Sampling:
             return probs.topk(k, dim=-1).indices
         return torch.multinomial(probs.reshape(-1, probs.shape[-1]), k, replacement=True).view(*probs.shape[:-1], k)
 
+    @staticmethod
+    def draw(probs: torch.Tensor) -> torch.Tensor:
+        """One token from each distribution in ``probs`` (..., V), as ``torch.multinomial`` would draw it
+        (argmax of p / Exp(1) noise picks index i with probability p_i), but with no check that reads the
+        device, so it can run inside a CUDA graph."""
+        return (probs / torch.empty_like(probs).exponential_()).argmax(-1)
+
     def greedy_tokens(self, logits, new_tokens: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
         """(B, N): the token greedy decoding picks after each node (arguments as for ``probs``)."""
         return self._scores(logits, new_tokens, length).argmax(-1)
+
+
+@lru_cache(maxsize=None)
+def _on_device(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(ids, dtype=torch.long, device=device)

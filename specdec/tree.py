@@ -22,6 +22,11 @@ class Tree:
     # (B, N, V): the draft distribution node i's token was sampled from. None means every node was chosen
     # deterministically, which the verifier treats as a point mass on the node's token (still lossless).
     draft_probs: torch.Tensor | None = None
+    # Static bounds a drafter knows from its configuration: the deepest node's depth and the most children
+    # of any node. With them, sampled verification loops a fixed number of times and never reads the device,
+    # so it can be captured in a CUDA graph; without them it measures the tree (one host read each).
+    max_depth: int | None = None
+    max_children: int | None = None
 
     @cached_property
     def ancestors(self) -> torch.Tensor:
@@ -47,18 +52,26 @@ class Tree:
         batch, n = self.parents.shape
         is_child = (self.parents[:, None, :] == torch.arange(n, device=self.parents.device)[None, :, None])
         is_child &= self.valid[:, None, :]
-        width = max(int(is_child.sum(-1).max()), 1)
+        width = max(self.max_children if self.max_children is not None else int(is_child.sum(-1).max()), 1)
         # Stable sort puts children first, in index order, which is the order siblings are tried in.
         order = torch.sort((~is_child).to(torch.int8), dim=-1, stable=True).indices[..., :width]
         return torch.where(is_child.gather(-1, order), order, -1)
 
     @staticmethod
     def drafted(tokens: torch.Tensor, parents: torch.Tensor, finished: torch.Tensor,
-                draft_probs: torch.Tensor | None = None) -> "Tree":
+                draft_probs: torch.Tensor | None = None, max_depth: int | None = None,
+                max_children: int | None = None) -> "Tree":
         """A drafter's full tree per row; rows that finished keep only their root, so nothing is verified."""
         valid = (~finished)[:, None].expand_as(tokens).clone()
         valid[:, 0] = True
-        return Tree(tokens=tokens, parents=parents, valid=valid, draft_probs=draft_probs)
+        return Tree(tokens=tokens, parents=parents, valid=valid, draft_probs=draft_probs, max_depth=max_depth,
+                    max_children=max_children)
+
+    @cached_property
+    def shape(self) -> tuple:
+        """What fixes the work of verifying this tree: a decoding step captured for one shape replays for
+        every tree of the same shape."""
+        return (tuple(self.tokens.shape), self.draft_probs is not None, self.max_depth, self.max_children)
 
     @staticmethod
     def root_only(roots: torch.Tensor) -> "Tree":
@@ -67,6 +80,8 @@ class Tree:
             tokens=roots[:, None].clone(),
             parents=torch.full_like(roots[:, None], -1),
             valid=torch.ones_like(roots[:, None], dtype=torch.bool),
+            max_depth=0,
+            max_children=0,
         )
 
     @staticmethod

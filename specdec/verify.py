@@ -38,35 +38,37 @@ def verify(tree: Tree, logits: torch.Tensor, sampling: Sampling, new_tokens: tor
 
 
 def accept(tree: Tree, target_probs: torch.Tensor) -> Acceptance:
-    """``target_probs`` (B, N, V): the target's processed next-token distribution after every node."""
+    """``target_probs`` (B, N, V): the target's processed next-token distribution after every node.
+
+    Loops over the tree's depth and each node's children a fixed number of times (the tree's static bounds
+    where the drafter gives them), masking rows that are done instead of asking the device whether any
+    are: no host read, so a CUDA graph can hold it. ``path`` is ``max_depth + 1`` wide.
+    """
     batch, n, vocab = target_probs.shape
     dev = target_probs.device
     rows = torch.arange(batch, device=dev)
     children = tree.children
-    max_depth = int(tree.depth.max())
+    max_depth = tree.max_depth if tree.max_depth is not None else int(tree.depth.max())
 
     node = torch.zeros(batch, dtype=torch.long, device=dev)
     p = target_probs[:, 0]
     path = torch.zeros(batch, max_depth + 1, dtype=torch.long, device=dev)
     length = torch.ones(batch, dtype=torch.long, device=dev)
-    bonus = torch.zeros(batch, dtype=torch.long, device=dev)
+    bonus_p = p
     done = torch.zeros(batch, dtype=torch.bool, device=dev)
 
-    while not bool(done.all()):
+    for _ in range(max_depth + 1):  # a leaf at max_depth has no children: every row is done after this
         chosen = torch.full_like(node, -1)
         for kid in children[rows, node].unbind(-1):
             trying = (kid >= 0) & (chosen < 0) & ~done
-            if not bool(trying.any()):
-                continue
             kid = kid.clamp(min=0)
             x = tree.tokens[rows, kid]
             if tree.draft_probs is None:
-                q = torch.nn.functional.one_hot(x, vocab).to(p.dtype)
+                q = torch.zeros_like(p).scatter_(1, x[:, None], 1.0)
             else:
                 q = tree.draft_probs[rows, kid].to(p.dtype)
             p_x, q_x = p[rows, x], q[rows, x]
-            u = torch.rand(batch, device=dev)
-            ok = trying & (u * q_x < p_x)
+            ok = trying & (torch.rand(batch, device=dev) * q_x < p_x)
             chosen = torch.where(ok, kid, chosen)
             residual = (p - q).clamp(min=0)
             mass = residual.sum(-1, keepdim=True)
@@ -75,16 +77,15 @@ def accept(tree: Tree, target_probs: torch.Tensor) -> Acceptance:
             p = torch.where((trying & ~ok)[:, None], residual, p)
         advance = chosen >= 0
         stop = ~advance & ~done
-        if bool(stop.any()):
-            sampled = torch.multinomial(p, 1).squeeze(-1)
-            bonus = torch.where(stop, sampled, bonus)
+        bonus_p = torch.where(stop[:, None], p, bonus_p)
         done |= stop
-        if bool(advance.any()):
-            node = torch.where(advance, chosen, node)
-            path[rows[advance], length[advance]] = chosen[advance]
-            length = length + advance.long()
-            p = torch.where(advance[:, None], target_probs[rows, node], p)
+        node = torch.where(advance, chosen, node)
+        slot = length.clamp(max=max_depth)[:, None]
+        path.scatter_(1, slot, torch.where(advance[:, None], chosen[:, None], path.gather(1, slot)))
+        length = length + advance.long()
+        p = torch.where(advance[:, None], target_probs[rows, node], p)
 
+    bonus = Sampling.draw(bonus_p)
     drafted = tree.tokens.gather(1, path[:, 1:])
     tokens = torch.cat([drafted, bonus[:, None]], dim=1)
     tokens[rows, length - 1] = bonus

@@ -28,14 +28,17 @@ def target(request):
     return tiny(request.param, attn="eager" if request.param.startswith("gemma") else "sdpa")
 
 
-@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("batch,fast_path", [(1, None), (4, None), (4, True)],
+                         ids=["batch1", "batch4", "batch4-fixed-shapes"])
 @pytest.mark.parametrize("kind", DRAFTERS)
-def test_greedy_equals_generate(target, kind, batch):
+def test_greedy_equals_generate(target, kind, batch, fast_path):
+    """``fast_path=True`` runs the step a CUDA graph captures (cache held at a fixed length), without graphs."""
     drafter = make_drafter(kind, target)
     for seed, width in [(0, 5), (1, 11)]:
         ids, mask = prompts(batch, width, seed)
         expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=24)
-        got = specdec.generate(target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=24)
+        got = specdec.generate(target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=24,
+                               fast_path=fast_path)
         assert torch.equal(got, expected), f"seed {seed} width {width}"
 
 

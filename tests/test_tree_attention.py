@@ -190,7 +190,8 @@ def test_kernel_implementation_outside_the_verifier_is_refused():
     ("llama", lambda m: specdec.DraftModel(perturbed(m).to(DEVICE), num_draft_tokens=3, tree_width=2)),
     ("gemma2", lambda m: specdec.PromptLookup(num_draft_tokens=4, tree_width=2)),  # window + softcap
 ])
-def test_greedy_through_kernel_equals_generate(monkeypatch, arch, make_drafter):
+@pytest.mark.parametrize("fast_path", [None, True], ids=["dynamic", "fixed-shapes"])
+def test_greedy_through_kernel_equals_generate(monkeypatch, arch, make_drafter, fast_path):
     model = tiny(arch, attn="eager" if arch == "gemma2" else "sdpa")
     drafter = make_drafter(model)
     model.to(DEVICE)
@@ -200,7 +201,8 @@ def test_greedy_through_kernel_equals_generate(monkeypatch, arch, make_drafter):
     real = kernel.tree_attention
     monkeypatch.setattr(kernel, "tree_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     with attention.backend("kernel"):
-        got = specdec.generate(model, ids, attention_mask=mask, drafter=drafter, max_new_tokens=12)
+        got = specdec.generate(model, ids, attention_mask=mask, drafter=drafter, max_new_tokens=12,
+                               fast_path=fast_path)
     assert torch.equal(got, expected)
     assert calls, "the kernel was not called"
     assert model.config._attn_implementation == ("eager" if arch == "gemma2" else "sdpa")

@@ -118,4 +118,5 @@ class DraftModel(Drafter):
 
         self.cache.crop(committed)
         return Tree.drafted(torch.cat(tokens, 1), torch.cat(parents, 1), seqs.finished,
-                            torch.cat(probs, 1) if self.sampling.do_sample else None)
+                            torch.cat(probs, 1) if self.sampling.do_sample else None,
+                            max_depth=self.num_draft_tokens, max_children=w)

@@ -1,0 +1,90 @@
+"""Decoding steps captured as CUDA graphs and replayed, so that a step costs the GPU's time, not the host's.
+
+A transformers forward pass launches a few hundred small kernels from Python; for models up to a few
+billion parameters that host work, not the GPU, sets the pace of each step. A step whose shapes are fixed
+and that never reads the device (``generate.verify_step`` with the cache held at a fixed length) can be
+recorded once and replayed with a single launch.
+
+Per tree shape: the first step runs eagerly on a side stream (which compiles the Triton kernels and warms
+cuBLAS and the caching allocator, and is a real step), the second is captured and replayed, and so is
+every later one; only the tree is copied into the graph's input buffers. A graph records buffer
+addresses, so the caller's ``buffers`` (the cache's and the sequences') are part of its key: buffers that
+grew and moved get a new graph. A step that cannot be captured (a model whose forward reads the device,
+say) is run eagerly instead, graphs are off for the rest of the call, and a warning says why, once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+from typing import Callable
+
+import torch
+
+from .tree import Tree
+
+_said: set[str] = set()
+
+
+def say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _inputs(tree: Tree) -> Tree:
+    """Fresh copies of the tree's tensors, to become the graph's input buffers."""
+    probs = None if tree.draft_probs is None else tree.draft_probs.clone()
+    return replace(tree, tokens=tree.tokens.clone(), parents=tree.parents.clone(), valid=tree.valid.clone(),
+                   draft_probs=probs)
+
+
+class StepGraphs:
+    """Runs ``step(tree)``, replaying a captured graph of it where one exists for the tree's shape."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._graphs: dict = {}
+        self._warm: set = set()
+
+    def run(self, step: Callable[[Tree], tuple], tree: Tree, buffers: tuple) -> tuple:
+        if not self.enabled:
+            return step(tree)
+        key = (tree.shape, buffers)
+        if key not in self._graphs:
+            if key not in self._warm:
+                self._warm.add(key)
+                return self._eager_on_side_stream(step, tree)
+            try:
+                self._graphs[key] = self._capture(step, tree)
+            except Exception as error:  # noqa: BLE001 - any capture failure means: run without graphs
+                self.enabled = False
+                say_once(f"specdec: this model's decoding step cannot be captured as a CUDA graph "
+                         f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); using the dynamic path.")
+                return step(tree)
+        graph, inputs, outputs = self._graphs[key]
+        inputs.tokens.copy_(tree.tokens)
+        inputs.parents.copy_(tree.parents)
+        inputs.valid.copy_(tree.valid)
+        if inputs.draft_probs is not None:
+            inputs.draft_probs.copy_(tree.draft_probs)
+        graph.replay()
+        return outputs
+
+    @staticmethod
+    def _eager_on_side_stream(step, tree):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            outputs = step(tree)
+        torch.cuda.current_stream().wait_stream(side)
+        return outputs
+
+    @staticmethod
+    def _capture(step, tree):
+        inputs = _inputs(tree)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            # A fresh Tree: its cached properties (ancestors, depth) must be computed inside the graph.
+            outputs = step(replace(inputs))
+        return graph, inputs, outputs
