@@ -5,13 +5,15 @@ tree (each node with up to 4 children, breadth first) on a cache of P tokens, ``
 compaction; the cache is cropped back to P between steps so every step sees the same state. Weights are
 random (cost only), bf16.
 
-- ``step ms``: host wall time per step, synchronised, median of ``--steps`` after warm-up: what the
-  decoding loop pays today;
+- ``step ms``: host wall time per step of the dynamic path, synchronised, median of ``--steps`` after
+  warm-up;
+- ``graph ms``: the same for the fast path: ``generate.verify_step`` with the cache held at a fixed length,
+  replayed from a CUDA graph (``specdec.graphs``), the tree copied in and the sequence rewound per step;
 - ``forward ms``: the model pass alone, same timing;
 - ``plain decode ms``: one token through the model with transformers' own ``DynamicCache`` of P tokens,
   which is what each step of plain ``model.generate`` costs;
 - ``floor ms``: (weight bytes + K/V bytes of P tokens) / the fastest device-to-device copy (read + write
-  bytes per second) measured in the same run; ``x floor`` = step / floor.
+  bytes per second) measured in the same run; ``x floor`` = graph / floor.
 
     python benchmarks/verify_step.py --out verify.json [--T 1 16 64] [--P 512 4096] [--tiny]
 
@@ -30,7 +32,10 @@ from transformers import DynamicCache, GenerationConfig, LlamaConfig, LlamaForCa
 
 from specdec.cache import TreeCache
 from specdec.forward import Prefix, forward_nodes, prefill
+from specdec.generate import COUNTERS, _addresses, verify_step
+from specdec.graphs import StepGraphs
 from specdec.sampling import Sampling
+from specdec.sequences import Sequences
 from specdec.tree import Tree
 from specdec.verify import verify
 
@@ -90,7 +95,7 @@ def tree_of(t: int, vocab: int, root: torch.Tensor) -> Tree:
 
 
 @torch.no_grad()
-def run_row(model, p: int, t: int, steps: int, warmup: int, copy_bps: float) -> dict:
+def run_row(model, p: int, t: int, steps: int, warmup: int, copy_bps: float, profile: bool = False) -> dict:
     device, vocab = model.device, model.config.vocab_size
     prompt = torch.randint(vocab, (1, p + 1), device=device)
     start = torch.zeros(1, dtype=torch.long, device=device)
@@ -112,6 +117,23 @@ def run_row(model, p: int, t: int, steps: int, warmup: int, copy_bps: float) -> 
         cache.compact(p + acc.path, prefix.end, acc.length)
         cache.crop(p)
 
+    # The fast path's step, on its own state: a sequence of P + 1 tokens (the last is the tree's root).
+    seqs = Sequences.from_prompt(prompt, torch.ones_like(prompt), max_new_tokens=64)
+    held_cache = TreeCache(seqs.tokens.shape[1])
+    prefill(model, held_cache, prompt[:, :p], start)
+    counters = torch.zeros(len(COUNTERS), dtype=torch.long, device=device)
+    graphs = StepGraphs(enabled=device.type == "cuda")
+
+    def held_step(tree):
+        held_cache.hold(seqs.limit, t)
+        return verify_step(model, held_cache, seqs, tree, sampling, counters, False, seqs.limit)
+
+    def graph_step():
+        held_cache.hold(seqs.limit, t)
+        graphs.run(held_step, (tree.shape, _addresses(seqs, held_cache)), tree)
+        seqs.end.fill_(p + 1)
+        seqs.finished.zero_()
+
     dynamic = DynamicCache(config=model.config)
     model(prompt[:, :p], past_key_values=dynamic, use_cache=True)
 
@@ -125,18 +147,36 @@ def run_row(model, p: int, t: int, steps: int, warmup: int, copy_bps: float) -> 
     kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * p * model.dtype.itemsize
     row = {"P": p, "T": t,
            "step_ms": _median_ms(step, steps, warmup, device),
+           "graph_ms": _median_ms(graph_step, steps, warmup, device),
            "forward_ms": _median_ms(forward, steps, warmup, device),
            "plain_decode_ms": _median_ms(plain_decode, steps, warmup, device),
            "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
            "floor_ms": 1e3 * (weight_bytes + kv_bytes) / copy_bps}
-    row["x_floor"] = row["step_ms"] / row["floor_ms"]
+    row["x_floor"] = row["graph_ms"] / row["floor_ms"]
+    if profile and device.type == "cuda":
+        row["kernels_ms"] = kernel_times(held_step, tree)
     return row
 
 
+def kernel_times(step, tree, top: int = 12) -> dict:
+    """Where the fast path's GPU time goes: device ms per step of its costliest kernels, from one eager run
+    of the step under the profiler (a replay runs the same kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(tree)
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
+    times = {e.key[:90]: round(e.self_device_time_total / 1e3, 3) for e in events[:top]}
+    times["all kernels"] = round(sum(e.self_device_time_total for e in events) / 1e3, 3)
+    return times
+
+
 def markdown(rows) -> str:
-    lines = ["| P | T | step ms | forward ms | plain decode ms | floor ms | x floor |", "|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['P']} | {r['T']} | {r['step_ms']:.2f} | {r['forward_ms']:.2f} | {r['plain_decode_ms']:.2f} | "
-              f"{r['floor_ms']:.2f} | {r['x_floor']:.2f} |" for r in rows]
+    lines = ["| P | T | step ms (dynamic) | graph ms (fast path) | forward ms | plain decode ms | floor ms | x floor |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['P']} | {r['T']} | {r['step_ms']:.2f} | {r['graph_ms']:.2f} | {r['forward_ms']:.2f} | "
+              f"{r['plain_decode_ms']:.2f} | {r['floor_ms']:.2f} | {r['x_floor']:.2f} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -147,6 +187,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model, for a CPU smoke test")
+    parser.add_argument("--profile", action="store_true", help="record each row's costliest kernels (GPU)")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -157,7 +198,7 @@ def main(argv=None):
               "copy_GBps": copy_bps / 1e9, "rows": []}
     for p in args.P:
         for t in args.T:
-            record["rows"].append(run_row(model, p, t, args.steps, args.warmup, copy_bps))
+            record["rows"].append(run_row(model, p, t, args.steps, args.warmup, copy_bps, args.profile))
             print(markdown(record["rows"][-1:]).splitlines()[-1], flush=True)
             if args.out:
                 with open(args.out, "w") as f:

@@ -122,15 +122,16 @@ def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 
 @torch.no_grad()
 def distil(target, prompts, new_tokens, batch_size, pad):
-    """The target's greedy continuation of each prompt, cut after its first eos."""
+    """The target's greedy continuation of each prompt, cut after its first eos: specdec's loop with no
+    drafter, which is ``generate``'s output and, on a GPU, replays each step from a CUDA graph."""
     eos = target.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     responses = [None] * len(prompts)
     by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for chunk in tqdm(_chunks(by_length, batch_size), desc="self-distillation"):
         ids, mask = _left_pad([prompts[i] for i in chunk], pad, target.device)
-        out = target.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
-                              pad_token_id=pad)[:, ids.shape[1] :].tolist()
+        out = specdec.generate(target, ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                               pad_token_id=pad)[:, ids.shape[1] :].tolist()
         for row, i in zip(out, chunk):
             ends = [n for n, t in enumerate(row) if t in eos]
             responses[i] = row[: ends[0] + 1] if ends else row

@@ -6,6 +6,10 @@ baseline that ships with transformers. Speedups are ratios of tokens/s measured 
 
 τ here is new tokens per target forward pass, counted by a hook on the target for every strategy alike
 (plain ``generate`` scores 1.0), so it compares transformers' strategies with ours.
+
+On a GPU our strategies run twice: on the fast path (each step replayed from a CUDA graph, the default)
+and on the dynamic path, and each strategy's *GPU busy* share is measured: kernel time from the profiler
+over the wall time of the same call, so one minus it is the share of time the GPU waits for the host.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ MODES = {
     "sample": dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0),  # the target's distribution, unwarped
 }
 BASELINE, ASSISTED, OURS = "generate", "assisted", "specdec"
+NO_DRAFTER = ("specdec, no drafter", "specdec, no drafter, dynamic")
 
 
 @dataclass(frozen=True)
@@ -40,29 +45,42 @@ class Strategy:
     run: object  # (input_ids, attention_mask, **generation kwargs) -> (sequences, Stats | None)
 
 
-def strategies(models: Models, *, draft_tokens: int = 6, lookup_tokens: int = 10) -> list[Strategy]:
-    """What ``models`` allows: drafters whose model or heads are missing are left out."""
+def strategies(models: Models, *, draft_tokens: int = 6, lookup_tokens: int = 10,
+               dynamic: bool | None = None) -> list[Strategy]:
+    """What ``models`` allows: drafters whose model or heads are missing are left out. ``dynamic`` adds each
+    of ours again on the dynamic path, named "..., dynamic" (default: on a GPU, where the paths differ)."""
     target = models.target
+    if dynamic is None:
+        dynamic = target.device.type == "cuda"
 
     def theirs(**options):
         return lambda ids, mask, **kw: (target.generate(ids, attention_mask=mask, **options, **kw), None)
 
-    def ours(drafter):
+    def ours(drafter, fast_path=None):
         def run(ids, mask, **kw):
-            res = generate(target, ids, attention_mask=mask, drafter=drafter, return_dict_in_generate=True, **kw)
+            res = generate(target, ids, attention_mask=mask, drafter=drafter, return_dict_in_generate=True,
+                           fast_path=fast_path, **kw)
             return res.sequences, res.stats
         return run
 
-    found = [Strategy("generate", BASELINE, theirs()), Strategy("specdec, no drafter", OURS, ours(None))]
+    drafters = {"specdec, no drafter": None}
     if models.draft is not None:
-        found.append(Strategy("assisted: draft model", ASSISTED, theirs(assistant_model=models.draft)))
-    found.append(Strategy("assisted: prompt lookup", ASSISTED, theirs(prompt_lookup_num_tokens=lookup_tokens)))
-    if models.draft is not None:
-        found.append(Strategy("specdec: draft model", OURS, ours(DraftModel(models.draft, num_draft_tokens=draft_tokens))))
-    found.append(Strategy("specdec: prompt lookup", OURS, ours(PromptLookup(num_draft_tokens=lookup_tokens))))
+        drafters["specdec: draft model"] = DraftModel(models.draft, num_draft_tokens=draft_tokens)
+    drafters["specdec: prompt lookup"] = PromptLookup(num_draft_tokens=lookup_tokens)
     for kind in ("medusa", "eagle"):
         if getattr(models, kind) is not None:
-            found.append(Strategy(f"specdec: {kind}", OURS, ours(heads.load(getattr(models, kind), target))))
+            drafters[f"specdec: {kind}"] = heads.load(getattr(models, kind), target)
+
+    found = [Strategy("generate", BASELINE, theirs())]
+    for name, drafter in drafters.items():
+        found.append(Strategy(name, OURS, ours(drafter)))
+        if dynamic:
+            found.append(Strategy(f"{name}, dynamic", OURS, ours(drafter, fast_path=False)))
+        if drafter is None:  # transformers' assisted generation after our loop's own cost
+            if models.draft is not None:
+                found.append(Strategy("assisted: draft model", ASSISTED, theirs(assistant_model=models.draft)))
+            found.append(Strategy("assisted: prompt lookup", ASSISTED,
+                                  theirs(prompt_lookup_num_tokens=lookup_tokens)))
     return found
 
 
@@ -88,6 +106,18 @@ def _sync(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def gpu_busy_seconds(run, device: torch.device) -> float:
+    """Kernel and copy time on the GPU during ``run()``, from the profiler (NaN off a GPU)."""
+    if device.type != "cuda":
+        return float("nan")
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize(device)
+    return sum(event.self_device_time_total for event in prof.key_averages()) / 1e6
 
 
 def measure(models: Models, prompts: list[str], *, modes=("greedy", "sample"), max_new_tokens: int = 128,
@@ -120,12 +150,13 @@ def measure(models: Models, prompts: list[str], *, modes=("greedy", "sample"), m
                 strategy.run(inputs[0]["input_ids"], inputs[0]["attention_mask"], **kwargs)  # warm-up
                 bar.update()
                 total = dict(tokens=0, seconds=0.0, forwards=0, drafted=0, accepted=0)
-                outputs = []
+                outputs, seconds = [], []
                 for n, x in enumerate(inputs):
                     torch.manual_seed(seed + n)
                     before, start = counter.count, _sync(device)
                     sequences, stats = strategy.run(x["input_ids"], x["attention_mask"], **kwargs)
-                    total["seconds"] += _sync(device) - start
+                    seconds.append(_sync(device) - start)
+                    total["seconds"] += seconds[-1]
                     total["forwards"] += counter.count - before
                     new = sequences[0, x["input_ids"].shape[1]:]
                     outputs.append(new.tolist())
@@ -135,6 +166,9 @@ def measure(models: Models, prompts: list[str], *, modes=("greedy", "sample"), m
                         total["accepted"] += stats.accepted_tokens
                     bar.update()
                 reference = reference or outputs
+                torch.manual_seed(seed)
+                busy = gpu_busy_seconds(lambda: strategy.run(inputs[0]["input_ids"], inputs[0]["attention_mask"],
+                                                             **kwargs), device)
                 results.append({
                     "mode": mode, "strategy": strategy.name, "family": strategy.family,
                     "tokens": total["tokens"], "seconds": round(total["seconds"], 4),
@@ -142,6 +176,7 @@ def measure(models: Models, prompts: list[str], *, modes=("greedy", "sample"), m
                     "target_forwards": total["forwards"], "tau": round(total["tokens"] / total["forwards"], 3),
                     "acceptance_rate": round(total["accepted"] / total["drafted"], 4) if total["drafted"] else None,
                     "same_text": outputs == reference if mode == "greedy" else None,
+                    "gpu_busy": None if busy != busy else round(min(busy / seconds[0], 1.0), 3),
                 })
                 texts[f"{mode}: {strategy.name}"] = [tok.decode(o, skip_special_tokens=True) for o in outputs]
     for mode in modes:
@@ -158,7 +193,7 @@ def summarize(results: list[dict]) -> dict:
     summary = {}
     for mode in dict.fromkeys(r["mode"] for r in results):
         rows = [r for r in results if r["mode"] == mode]
-        ours = max((r for r in rows if r["family"] == OURS and r["strategy"] != "specdec, no drafter"),
+        ours = max((r for r in rows if r["family"] == OURS and r["strategy"] not in NO_DRAFTER),
                    key=lambda r: r["tokens_per_s"], default=None)
         theirs = max((r for r in rows if r["family"] == ASSISTED), key=lambda r: r["tokens_per_s"], default=None)
         if ours:
@@ -171,13 +206,14 @@ def summarize(results: list[dict]) -> dict:
 
 def table(results: list[dict]) -> str:
     """A Markdown table of ``measure``'s results, ready for the docs."""
-    lines = ["| mode | strategy | tokens/s | τ (tokens/forward) | acceptance | speedup | same text |",
-             "|---|---|---:|---:|---:|---:|---|"]
+    lines = ["| mode | strategy | tokens/s | τ (tokens/forward) | acceptance | speedup | same text | GPU busy |",
+             "|---|---|---:|---:|---:|---:|---|---:|"]
     for r in results:
         acc = "" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}"
         same = "" if r["same_text"] is None else ("yes" if r["same_text"] else "**no**")
+        busy = "" if r.get("gpu_busy") is None else f"{100 * r['gpu_busy']:.0f}%"
         lines.append(f"| {r['mode']} | {r['strategy']} | {r['tokens_per_s']:.1f} | {r['tau']:.2f} | {acc} | "
-                     f"{r['speedup']:.2f}x | {same} |")
+                     f"{r['speedup']:.2f}x | {same} | {busy} |")
     return "\n".join(lines)
 
 

@@ -226,7 +226,14 @@ def generate(
     # Held cache length for fixed shapes: every row's cached columns end before the sequence limit.
     held = seqs.limit if fast_path or graphs.enabled else None
 
-    def step(tree: Tree):
+    # Drafting joins the captured step when the drafter's trees have a fixed size and its work is on the device.
+    fixed_nodes = 1 if drafter is None else drafter.fixed_nodes
+
+    def propose() -> Tree:
+        return drafter.propose(seqs) if drafter is not None else Tree.root_only(seqs.last)
+
+    def step(tree: Tree | None):
+        tree = propose() if tree is None else tree
         if held is not None:  # again, for a step re-run after a failed capture left the cache written to
             cache.hold(held, tree.tokens.shape[1])
         return verify_step(model, cache, seqs, tree, sampling, counters, want_features, held)
@@ -251,11 +258,12 @@ def generate(
             streamer.put(first.cpu())
         while not bool(seqs.finished.all()):
             t0 = _sync(dev)
-            tree = drafter.propose(seqs) if drafter is not None else Tree.root_only(seqs.last)
+            tree = propose() if fixed_nodes is None else None
             t1 = _sync(dev)
-            if held is not None:
-                cache.hold(held, tree.tokens.shape[1])  # before the graph's key: buffers that grow move
-            tokens, count = graphs.run(step, tree, _addresses(seqs, cache))
+            if held is not None:  # before the graph's key is taken: buffers that grow move
+                cache.hold(held, fixed_nodes or tree.tokens.shape[1])
+            key = ("drafted", fixed_nodes) if tree is None else tree.shape
+            tokens, count = graphs.run(step, (key, _addresses(seqs, cache)), tree)
             if fast_path is None and not graphs.enabled:
                 held = None
             t2 = _sync(dev)

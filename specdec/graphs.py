@@ -39,18 +39,27 @@ def _inputs(tree: Tree) -> Tree:
                    draft_probs=probs)
 
 
+def _end_generator_capture() -> None:
+    """A capture that fails never reaches the end that takes the CUDA generator out of capture mode, and
+    every later random draw in the process then fails ("Offset increment outside graph capture"). A clone
+    of its state keeps the seed and offset without that flag."""
+    generator = torch.cuda.default_generators[torch.cuda.current_device()]
+    generator.graphsafe_set_state(generator.clone_state())
+
+
 class StepGraphs:
-    """Runs ``step(tree)``, replaying a captured graph of it where one exists for the tree's shape."""
+    """Runs ``step(tree)``, replaying a graph captured for ``key`` where one exists. ``tree`` is copied into
+    the graph's input buffers; with ``tree=None`` the step drafts its own tree (a drafter whose ``propose``
+    is device work alone), and drafting is captured with verification."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self._graphs: dict = {}
         self._warm: set = set()
 
-    def run(self, step: Callable[[Tree], tuple], tree: Tree, buffers: tuple) -> tuple:
+    def run(self, step: Callable[[Tree | None], tuple], key: tuple, tree: Tree | None = None) -> tuple:
         if not self.enabled:
             return step(tree)
-        key = (tree.shape, buffers)
         if key not in self._graphs:
             if key not in self._warm:
                 self._warm.add(key)
@@ -58,16 +67,18 @@ class StepGraphs:
             try:
                 self._graphs[key] = self._capture(step, tree)
             except Exception as error:  # noqa: BLE001 - any capture failure means: run without graphs
+                _end_generator_capture()
                 self.enabled = False
                 say_once(f"specdec: this model's decoding step cannot be captured as a CUDA graph "
                          f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); using the dynamic path.")
                 return step(tree)
         graph, inputs, outputs = self._graphs[key]
-        inputs.tokens.copy_(tree.tokens)
-        inputs.parents.copy_(tree.parents)
-        inputs.valid.copy_(tree.valid)
-        if inputs.draft_probs is not None:
-            inputs.draft_probs.copy_(tree.draft_probs)
+        if inputs is not None:
+            inputs.tokens.copy_(tree.tokens)
+            inputs.parents.copy_(tree.parents)
+            inputs.valid.copy_(tree.valid)
+            if inputs.draft_probs is not None:
+                inputs.draft_probs.copy_(tree.draft_probs)
         graph.replay()
         return outputs
 
@@ -82,9 +93,9 @@ class StepGraphs:
 
     @staticmethod
     def _capture(step, tree):
-        inputs = _inputs(tree)
+        inputs = None if tree is None else _inputs(tree)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             # A fresh Tree: its cached properties (ancestors, depth) must be computed inside the graph.
-            outputs = step(replace(inputs))
+            outputs = step(None if inputs is None else replace(inputs))
         return graph, inputs, outputs

@@ -18,7 +18,7 @@ class Stats:
     drafted_tokens: int = 0  # valid drafted nodes offered to the verifier, over active rows
     accepted_tokens: int = 0  # drafted tokens the verifier accepted
     new_tokens: int = 0  # tokens emitted: the prompt pass's first, then accepted + bonus, cut at eos / max
-    draft_seconds: float = 0.0
+    draft_seconds: float = 0.0  # drafting outside the verification step (none for drafters it captures)
     verify_seconds: float = 0.0
 
     def __add__(self, other: "Stats") -> "Stats":

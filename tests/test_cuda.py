@@ -9,6 +9,9 @@ of the maximum of the target's own logits for the shared prefix. A wrong mask or
 diverge at tokens far below the maximum.
 """
 
+import copy
+import warnings
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -38,7 +41,7 @@ def tie_gaps(model, expected, got, mask):
     return gaps
 
 
-def compare(arch, dtype):
+def compare(arch, dtype, fast_path=None):
     """Rows identical to ``model.generate``, rows compared, and the tie gaps of the rows that differ."""
     model = tiny(arch, attn="eager" if arch == "gemma2" else "sdpa").to("cuda", dtype)
     draft = perturbed(model.cpu().float()).to("cuda", dtype)
@@ -51,17 +54,19 @@ def compare(arch, dtype):
         drafters = [specdec.DraftModel(draft, 4, tree_width=2), specdec.PromptLookup(4),
                     heads.Medusa(heads.MedusaHeads(model, num_heads=3)), heads.Eagle(heads.EagleHead(model), 3, 4, 12)]
         for drafter in drafters:
-            got = specdec.generate(model, ids, attention_mask=mask, drafter=drafter, max_new_tokens=32)
+            got = specdec.generate(model, ids, attention_mask=mask, drafter=drafter, max_new_tokens=32,
+                                   fast_path=fast_path)
             same += int((got == expected).all(1).sum())
             total += got.shape[0]
             gaps += tie_gaps(model, expected, got, mask)
     return same, total, gaps
 
 
+@pytest.mark.parametrize("fast_path", [None, False], ids=["graphs", "dynamic"])
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral", "gemma2", "gpt2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_greedy_on_gpu(arch, dtype):
-    same, total, gaps = compare(arch, dtype)
+def test_greedy_on_gpu(arch, dtype, fast_path):
+    same, total, gaps = compare(arch, dtype, fast_path)
     if dtype == torch.float32:
         assert same == total
     else:
@@ -90,3 +95,75 @@ def test_head_training_on_gpu(target_dir, tokenizer, tmp_path, kind, dtype):
     expected = target.generate(ids, do_sample=False, max_new_tokens=40)
     got = specdec.generate(target, ids, drafter=heads.load(tmp_path, target), max_new_tokens=40)
     assert torch.equal(got, expected)
+
+
+def test_steps_replay_captured_graphs(monkeypatch):
+    """On a GPU the default path captures the step once per tree shape and replays it from then on."""
+    replays = []
+    real = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: replays.append(1) or real(self))
+    model = tiny("llama").to("cuda")
+    ids, mask = [t.cuda() for t in prompts(2, 9, 0)]
+    out = specdec.generate(model, ids, attention_mask=mask, drafter=specdec.PromptLookup(4), max_new_tokens=40,
+                           eos_token_id=None, return_dict_in_generate=True)
+    assert out.stats.steps >= 5
+    assert len(replays) == out.stats.steps - 1  # the first step of the shape runs eagerly, as warm-up
+
+
+def test_uncapturable_model_falls_back_and_says_so_once(monkeypatch):
+    """A forward that reads the device cannot be captured: the call still matches ``generate``, on the
+    dynamic path, and the warning comes once, not per call."""
+    from specdec import graphs
+
+    monkeypatch.setattr(graphs, "_said", set())
+    model = tiny("llama").to("cuda")
+    model.model.layers[0].register_forward_pre_hook(lambda module, args: float(args[0].sum()) and None)
+    ids, mask = [t.cuda() for t in prompts(2, 9, 0)]
+    expected = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=24)
+    with pytest.warns(RuntimeWarning, match="cannot be captured"):
+        got = specdec.generate(model, ids, attention_mask=mask, drafter=specdec.PromptLookup(4), max_new_tokens=24)
+    assert torch.equal(got, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = specdec.generate(model, ids, attention_mask=mask, drafter=specdec.PromptLookup(4), max_new_tokens=24)
+    assert torch.equal(again, expected)
+    sampled = specdec.generate(model, ids, attention_mask=mask, do_sample=True, max_new_tokens=8)  # random draws
+    assert sampled.shape[0] == 2  # still work after the failed capture (they raised before the fix)
+
+
+@pytest.mark.parametrize("fast_path", [None, False], ids=["graphs", "dynamic"])
+@pytest.mark.parametrize("kind", ["chain", "lookup", "medusa", "eagle"])
+def test_sampling_on_gpu_matches_target_distribution(monkeypatch, kind, fast_path):
+    """The chi-square test of tests/test_sampling.py, on a GPU, one token later: the second step is the
+    first one replayed from a graph, so tokens 2-3 (given the most frequent first token) are tested; random
+    numbers drawn inside a replayed graph must be fresh at every replay."""
+    import test_sampling as ts
+
+    replays = []
+    real = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: replays.append(1) or real(self))
+    target = tiny("llama", vocab_size=ts.V, initializer_range=0.3, eos_token_id=None)
+    with torch.no_grad():
+        for _ in range(5):
+            ts.PROMPT[0, 2] = target(ts.PROMPT).logits[0, -1].argmax()
+    gpu_target = copy.deepcopy(target).cuda()  # ``target`` stays on the CPU for the exact distribution
+    torch.manual_seed(0)
+    drafter = {
+        "chain": lambda: specdec.DraftModel(perturbed(target, scale=0.15).cuda(), num_draft_tokens=3),
+        "lookup": lambda: specdec.PromptLookup(num_draft_tokens=3, tree_width=2),
+        "medusa": lambda: heads.Medusa(heads.MedusaHeads(gpu_target, num_heads=2).cuda(), top_k=(2, 2)),
+        "eagle": lambda: heads.Eagle(heads.EagleHead(gpu_target).cuda(), top_k=4, depth=3, total_tokens=10),
+    }[kind]()
+    torch.manual_seed(0)
+    out = specdec.generate(gpu_target, ts.PROMPT.repeat(ts.ROWS, 1).cuda(), drafter=drafter, do_sample=True,
+                           max_new_tokens=3, eos_token_id=None, pad_token_id=0, return_dict_in_generate=True,
+                           fast_path=fast_path, **ts.SETTINGS[0])
+    new = out.sequences[:, ts.PROMPT.shape[1]:].cpu()
+    assert ts.chi2_pvalue(new[:, :2].numpy(), ts.exact_joint(target, ts.SETTINGS[0])) > 1e-3
+    first = new[:, 0].mode().values
+    given = new[new[:, 0] == first][:, 1:].numpy()
+    assert len(given) > 500
+    prompt = torch.cat([ts.PROMPT, first.view(1, 1)], 1)
+    assert ts.chi2_pvalue(given, ts.exact_joint(target, ts.SETTINGS[0], prompt)) > 1e-3
+    assert out.stats.accepted_tokens > 0.05 * ts.ROWS
+    assert (len(replays) > 0) == (fast_path is None)

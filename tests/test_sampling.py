@@ -34,12 +34,12 @@ def warpers(temperature, top_k, top_p):
 
 
 @torch.no_grad()
-def exact_joint(model, settings):
-    """P(x1, x2) for the first two generated tokens, as transformers' sampling defines it."""
+def exact_joint(model, settings, prompt=PROMPT):
+    """P(x1, x2) for the first two tokens generated after ``prompt``, as transformers' sampling defines it."""
     procs = warpers(**settings)
     dist = lambda ids: procs(ids, model(ids).logits[:, -1].float()).softmax(-1)  # noqa: E731
-    p1 = dist(PROMPT)[0]
-    seconds = torch.cat([PROMPT.repeat(V, 1), torch.arange(V)[:, None]], 1)
+    p1 = dist(prompt)[0]
+    seconds = torch.cat([prompt.repeat(V, 1), torch.arange(V)[:, None]], 1)
     p2 = dist(seconds)
     return (p1[:, None] * p2).numpy()
 

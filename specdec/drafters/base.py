@@ -27,6 +27,9 @@ class Drafter:
     # True for drafters that read the target's features (``Sequences.features``): the engine then
     # captures them in every target pass, the prompt's included.
     wants_features: bool = False
+    # The node count of every tree, for drafters whose ``propose`` is device work alone (fixed shapes, no
+    # reads of the device, no Python-side state): a CUDA graph then captures drafting with verification.
+    fixed_nodes: int | None = None
 
     def check(self, target) -> None:
         pass
