@@ -83,28 +83,3 @@ class Tree:
             max_depth=0,
             max_children=0,
         )
-
-    @staticmethod
-    def from_paths(roots: torch.Tensor, paths: list[list[list[int]]]) -> "Tree":
-        """Merge each row's candidate continuations into a trie, so shared prefixes are verified once."""
-        rows = []
-        for root, row_paths in zip(roots.tolist(), paths):
-            tokens, parents, index = [root], [-1], {}
-            for path in row_paths:
-                node = 0
-                for token in path:
-                    key = (node, token)
-                    if key not in index:
-                        index[key] = len(tokens)
-                        tokens.append(token)
-                        parents.append(node)
-                    node = index[key]
-            rows.append((tokens, parents))
-        n = max(len(t) for t, _ in rows)
-        pad = lambda xs, v: xs + [v] * (n - len(xs))  # noqa: E731
-        dev = roots.device
-        return Tree(
-            tokens=torch.tensor([pad(t, 0) for t, _ in rows], device=dev),
-            parents=torch.tensor([pad(p, 0) for _, p in rows], device=dev),
-            valid=torch.tensor([pad([True] * len(t), False) for t, _ in rows], device=dev),
-        )

@@ -10,8 +10,33 @@ from specdec.tree import Tree
 from specdec.verify import accept, accept_greedy
 
 
-def test_from_paths_merges_shared_prefixes():
-    tree = Tree.from_paths(torch.tensor([9, 8]), [[[1, 2, 3], [1, 4]], [[5]]])
+def from_paths(roots: torch.Tensor, paths: list[list[list[int]]]) -> Tree:
+    """Trees by hand: each row's paths merged into a trie (node order: first seen first)."""
+    rows = []
+    for root, row_paths in zip(roots.tolist(), paths):
+        tokens, parents, index = [root], [-1], {}
+        for path in row_paths:
+            node = 0
+            for token in path:
+                key = (node, token)
+                if key not in index:
+                    index[key] = len(tokens)
+                    tokens.append(token)
+                    parents.append(node)
+                node = index[key]
+        rows.append((tokens, parents))
+    n = max(len(t) for t, _ in rows)
+    pad = lambda xs, v: xs + [v] * (n - len(xs))  # noqa: E731
+    dev = roots.device
+    return Tree(
+        tokens=torch.tensor([pad(t, 0) for t, _ in rows], device=dev),
+        parents=torch.tensor([pad(p, 0) for _, p in rows], device=dev),
+        valid=torch.tensor([pad([True] * len(t), False) for t, _ in rows], device=dev),
+    )
+
+
+def test_depth_ancestors_and_children_of_a_trie():
+    tree = from_paths(torch.tensor([9, 8]), [[[1, 2, 3], [1, 4]], [[5]]])
     assert tree.tokens[0].tolist() == [9, 1, 2, 3, 4]
     assert tree.parents[0].tolist() == [-1, 0, 1, 2, 1]
     assert tree.valid.tolist() == [[True] * 5, [True, True, False, False, False]]
@@ -27,7 +52,7 @@ def point_mass(tokens, vocab=10):
 
 def test_greedy_accepts_longest_matching_branch():
     # root -> 1 -> 2, root -> 3 -> 4 -> 5; the target wants 3, 4, 5, then 7.
-    tree = Tree.from_paths(torch.tensor([0]), [[[1, 2], [3, 4, 5]]])
+    tree = from_paths(torch.tensor([0]), [[[1, 2], [3, 4, 5]]])
     target = point_mass([3, 0, 0, 4, 5, 7])  # argmax after nodes 0..5
     acc = accept(tree, target)
     assert acc.length.tolist() == [4]
@@ -36,13 +61,13 @@ def test_greedy_accepts_longest_matching_branch():
 
 
 def test_first_mismatch_gives_target_token_as_bonus():
-    tree = Tree.from_paths(torch.tensor([0]), [[[1, 2]]])
+    tree = from_paths(torch.tensor([0]), [[[1, 2]]])
     acc = accept(tree, point_mass([1, 6, 0]))
     assert acc.length.tolist() == [2] and acc.tokens[0, :2].tolist() == [1, 6]
 
 
 def test_invalid_nodes_never_accepted():
-    tree = Tree.from_paths(torch.tensor([0, 0]), [[[1, 2]], [[1]]])
+    tree = from_paths(torch.tensor([0, 0]), [[[1, 2]], [[1]]])
     target = point_mass([1, 2, 9]).expand(2, -1, -1).clone()
     acc = accept(tree, target)
     assert acc.length.tolist() == [3, 2]  # row 1's padding node carries token 0, never 2
