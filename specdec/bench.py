@@ -4,8 +4,9 @@ Plain ``model.generate`` is the baseline; ``specdec`` with no drafter separates 
 what speculation buys; transformers' assisted generation (draft model, prompt lookup) is the strongest
 baseline that ships with transformers. Speedups are ratios of tokens/s measured here, in this run.
 
-τ here is new tokens per target forward pass, counted by a hook on the target for every strategy alike
-(plain ``generate`` scores 1.0), so it compares transformers' strategies with ours.
+τ here is new tokens per target forward pass (plain ``generate`` scores 1.0): for transformers' strategies
+counted by a hook on the target, for ours by the loop's own count, which also sees the passes replayed
+from a CUDA graph (where no Python and so no hook runs).
 
 On a GPU our strategies run twice: on the fast path (each step replayed from a CUDA graph, the default)
 and on the dynamic path, and each strategy's *GPU busy* share is measured: kernel time from the profiler
@@ -157,7 +158,7 @@ def measure(models: Models, prompts: list[str], *, modes=("greedy", "sample"), m
                     sequences, stats = strategy.run(x["input_ids"], x["attention_mask"], **kwargs)
                     seconds.append(_sync(device) - start)
                     total["seconds"] += seconds[-1]
-                    total["forwards"] += counter.count - before
+                    total["forwards"] += counter.count - before if stats is None else stats.target_forwards
                     new = sequences[0, x["input_ids"].shape[1]:]
                     outputs.append(new.tolist())
                     total["tokens"] += len(new)

@@ -167,3 +167,18 @@ def test_sampling_on_gpu_matches_target_distribution(monkeypatch, kind, fast_pat
     assert ts.chi2_pvalue(given, ts.exact_joint(target, ts.SETTINGS[0], prompt)) > 1e-3
     assert out.stats.accepted_tokens > 0.05 * ts.ROWS
     assert (len(replays) > 0) == (fast_path is None)
+
+
+def test_bench_counts_forwards_replayed_from_graphs():
+    """A graph replay runs no Python, so a forward hook misses it: the 2026-11-24 GPU table showed τ 38.5
+    for every fast-path strategy. τ must not depend on the path."""
+    from specdec import bench, embedded
+
+    models = embedded.load()
+    models.target.cuda()
+    models.draft.cuda()
+    models.medusa = models.eagle = None
+    record = bench.measure(models, models.prompts(2), modes=("greedy",), max_new_tokens=32, progress=False,
+                           only=["specdec: prompt lookup", "specdec: prompt lookup, dynamic"])
+    tau = {r["strategy"]: r["tau"] for r in record["results"]}
+    assert tau["specdec: prompt lookup"] == tau["specdec: prompt lookup, dynamic"] < 8
