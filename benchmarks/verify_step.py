@@ -1,8 +1,9 @@
 """Time one verification step of an 8B-shaped Llama against its memory-bandwidth floor.
 
-A step is what ``specdec.generate`` runs per verification, batch 1, greedy: ``forward_nodes`` over a T-node
-tree (each node with up to 4 children, breadth first) on a cache of P tokens, ``verify`` and the cache
-compaction; the cache is cropped back to P between steps so every step sees the same state. Weights are
+A step is what ``specdec.generate`` runs per verification (``generate.verify_step``), batch 1, greedy: the
+target over a T-node tree (each node with up to 4 children, breadth first) on a cache of P tokens,
+acceptance, compaction and bookkeeping; the sequence and the cache are rewound to P between steps so every
+step sees the same state. Weights are
 random (cost only), bf16.
 
 - ``step ms``: host wall time per step of the dynamic path, synchronised, median of ``--steps`` after
@@ -32,12 +33,11 @@ from transformers import DynamicCache, GenerationConfig, LlamaConfig, LlamaForCa
 
 from specdec.cache import TreeCache
 from specdec.forward import Prefix, forward_nodes, prefill
-from specdec.generate import COUNTERS, _addresses, verify_step
+from specdec.generate import COUNTERS, graph_key, verify_step
 from specdec.graphs import StepGraphs
 from specdec.sampling import Sampling
 from specdec.sequences import Sequences
 from specdec.tree import Tree
-from specdec.verify import verify
 
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
@@ -99,40 +99,37 @@ def run_row(model, p: int, t: int, steps: int, warmup: int, copy_bps: float, pro
     device, vocab = model.device, model.config.vocab_size
     prompt = torch.randint(vocab, (1, p + 1), device=device)
     start = torch.zeros(1, dtype=torch.long, device=device)
-    cache = TreeCache(p + t + 64)
+    # A sequence of P + 1 tokens, the last the tree's root; one cache for each path, P tokens each.
+    seqs = Sequences.from_prompt(prompt, torch.ones_like(prompt), max_new_tokens=64)
+    cache, held_cache = TreeCache(seqs.tokens.shape[1]), TreeCache(seqs.tokens.shape[1])
     prefill(model, cache, prompt[:, :p], start)
+    prefill(model, held_cache, prompt[:, :p], start)
+    held_cache.hold(seqs.limit)
     tree = tree_of(t, vocab, prompt[:, p])
     positions = p + tree.depth
-    prefix = Prefix(start, torch.full_like(start, p))
     sampling = Sampling.from_config(GenerationConfig(do_sample=False))
-
-    def forward():
-        logits = forward_nodes(model, cache, tree.tokens, positions, prefix, tree.ancestors, positions)
-        cache.crop(p)
-        return logits
-
-    def step():
-        logits = forward_nodes(model, cache, tree.tokens, positions, prefix, tree.ancestors, positions)
-        acc = verify(tree, logits, sampling, tree.depth, p + tree.depth)
-        cache.compact(p + acc.path, prefix.end, acc.length)
-        cache.crop(p)
-
-    # The fast path's step, on its own state: a sequence of P + 1 tokens (the last is the tree's root).
-    seqs = Sequences.from_prompt(prompt, torch.ones_like(prompt), max_new_tokens=64)
-    held_cache = TreeCache(seqs.tokens.shape[1])
-    prefill(model, held_cache, prompt[:, :p], start)
     counters = torch.zeros(len(COUNTERS), dtype=torch.long, device=device)
     graphs = StepGraphs(enabled=device.type == "cuda")
 
-    def held_step(tree):
-        held_cache.hold(seqs.limit, t)
-        return verify_step(model, held_cache, seqs, tree, sampling, counters, False, seqs.limit)
-
-    def graph_step():
-        held_cache.hold(seqs.limit, t)
-        graphs.run(held_step, (tree.shape, _addresses(seqs, held_cache)), tree)
+    def rewind():
         seqs.end.fill_(p + 1)
         seqs.finished.zero_()
+        cache.crop(p)
+
+    def forward():
+        forward_nodes(model, cache, tree.tokens, positions, Prefix(start, seqs.end - 1), tree.ancestors, positions)
+        cache.crop(p)
+
+    def step():
+        verify_step(model, cache, seqs, tree, sampling, counters, False)
+        rewind()
+
+    def held_step(tree):
+        return verify_step(model, held_cache, seqs, tree, sampling, counters, False)
+
+    def graph_step():
+        graphs.run(held_step, graph_key(tree.shape, seqs, held_cache), tree)
+        rewind()
 
     dynamic = DynamicCache(config=model.config)
     model(prompt[:, :p], past_key_values=dynamic, use_cache=True)

@@ -109,10 +109,10 @@ def _sync(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def gpu_busy_seconds(run, device: torch.device) -> float:
-    """Kernel and copy time on the GPU during ``run()``, from the profiler (NaN off a GPU)."""
+def gpu_busy_seconds(run, device: torch.device) -> float | None:
+    """Kernel and copy time on the GPU during ``run()``, from the profiler (None off a GPU)."""
     if device.type != "cuda":
-        return float("nan")
+        return None
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -177,7 +177,7 @@ def measure(models: Models, prompts: list[str], *, modes=("greedy", "sample"), m
                     "target_forwards": total["forwards"], "tau": round(total["tokens"] / total["forwards"], 3),
                     "acceptance_rate": round(total["accepted"] / total["drafted"], 4) if total["drafted"] else None,
                     "same_text": outputs == reference if mode == "greedy" else None,
-                    "gpu_busy": None if busy != busy else round(min(busy / seconds[0], 1.0), 3),
+                    "gpu_busy": None if busy is None else round(min(busy / seconds[0], 1.0), 3),
                 })
                 texts[f"{mode}: {strategy.name}"] = [tok.decode(o, skip_special_tokens=True) for o in outputs]
     for mode in modes:

@@ -8,9 +8,10 @@ re-prefilled. Buffers are preallocated and grow by doubling, instead of the ``to
 ``DynamicCache``, which copies the whole cache every token.
 
 A step captured in a CUDA graph needs fixed shapes: ``hold(C)`` keeps the cache's length at C, so every tree
-is written to the same columns [C, C + N) and compacted from there (see :mod:`specdec.graphs`). Buffers are
-zero-filled, since columns below C that no row has reached yet are then read (and masked) too, and masking
-does not cancel a NaN that uninitialised memory may hold.
+is written to the same columns [C, C + N) and compacted from there (see :mod:`specdec.graphs`), and a step
+changes no Python-side state: a pass that is recorded but not run (a failed capture) leaves nothing stale.
+Buffers are zero-filled, since columns below C that no row has reached yet are then read (and masked) too,
+and masking does not cancel a NaN that uninitialised memory may hold.
 
 Sliding-window layers keep their full history here; the window is applied by the attention mask, which is
 exact, at the cost of memory proportional to the sequence rather than to the window.
@@ -31,6 +32,7 @@ class TreeLayer(DynamicLayer):
         super().__init__()
         self.capacity = capacity
         self.length = 0
+        self.held = False  # while held, writes go after ``length`` and leave it as it is
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -47,7 +49,7 @@ class TreeLayer(DynamicLayer):
     def _reserve(self, length: int) -> None:
         if length <= self._k.shape[2]:
             return
-        capacity = max(length, 2 * self._k.shape[2])
+        capacity = self.capacity = max(length, 2 * self._k.shape[2])
         for name in ("_k", "_v"):
             old = getattr(self, name)
             new = old.new_zeros(*old.shape[:2], capacity, old.shape[-1])
@@ -61,6 +63,8 @@ class TreeLayer(DynamicLayer):
         self._reserve(start + n)
         self._k[:, :, start : start + n] = key_states
         self._v[:, :, start : start + n] = value_states
+        if self.held:
+            return self._k[:, :, : start + n], self._v[:, :, : start + n]
         self._set_length(start + n)
         return self.keys, self.values
 
@@ -73,8 +77,9 @@ class TreeLayer(DynamicLayer):
         if self.is_initialized:
             self._set_length(min(max_length, self.length))
 
-    def compact(self, src: torch.Tensor, dest: torch.Tensor, keep: torch.Tensor, length: int) -> None:
-        """Copy columns ``src[b, :keep[b]]`` to ``dest[b], dest[b] + 1, ...``, then keep ``length`` columns."""
+    def compact(self, src: torch.Tensor, dest: torch.Tensor, keep: torch.Tensor, length: int | None) -> None:
+        """Copy columns ``src[b, :keep[b]]`` to ``dest[b], dest[b] + 1, ...``, then keep ``length`` columns
+        (None: the held length)."""
         if not self.is_initialized:
             return
         if attention.use_kernel(self._k.device, self._k.shape[-1]):
@@ -87,7 +92,8 @@ class TreeLayer(DynamicLayer):
                 b, h, _, d = buf.shape
                 gathered = buf.gather(2, src[:, None, :, None].expand(b, h, -1, d))
                 buf.scatter_(2, dest_cols[:, None, :, None].expand(b, h, -1, d), gathered)
-        self._set_length(length)
+        if length is not None:
+            self._set_length(length)
 
 
 class TreeCache(Cache):
@@ -95,6 +101,7 @@ class TreeCache(Cache):
 
     def __init__(self, capacity: int = 256):
         super().__init__(layer_class_to_replicate=partial(TreeLayer, capacity))
+        self.held: int | None = None
 
     @classmethod
     def from_dynamic(cls, cache: DynamicCache, capacity: int) -> "TreeCache":
@@ -107,22 +114,30 @@ class TreeCache(Cache):
             tree_cache.layers.append(tree_layer)
         return tree_cache
 
-    def compact(self, src: torch.Tensor, dest: torch.Tensor, keep: torch.Tensor, length: int | None = None) -> None:
+    def compact(self, src: torch.Tensor, dest: torch.Tensor, keep: torch.Tensor) -> None:
         """Move ``keep[b]`` columns ``src[b, :keep[b]]`` of each row to ``dest[b], dest[b] + 1, ...``.
 
         On CUDA a Triton kernel copies exactly the kept columns, once. The reference path also writes
         the columns past ``keep[b]`` (with whatever ``src`` names there); they lie beyond the row's new
-        end, where attention never looks. The cache is then cropped to ``length``, by default the longest
-        row (a read of the device), or to the held length.
+        end, where attention never looks. Unless the cache is held, it is then cropped to the longest row
+        (a read of the device).
         """
-        if length is None:
-            length = int((dest + keep).max())
+        length = None if self.held is not None else int((dest + keep).max())
         for layer in self.layers:
             layer.compact(src, dest, keep, length)
 
-    def hold(self, length: int, room: int) -> None:
-        """Set every layer's length to ``length`` (past every row's end) with ``room`` columns after it."""
+    def hold(self, length: int | None) -> None:
+        """Keep the length at ``length`` (past every row's end) from now on; None lets it follow the rows
+        again, from there."""
+        self.held = length
         for layer in self.layers:
             if layer.is_initialized:
-                layer._reserve(length + room)
-                layer._set_length(length)
+                layer.held = length is not None
+                if length is not None:
+                    layer._reserve(length)
+                    layer._set_length(length)
+
+    @property
+    def capacity(self) -> int:
+        """Columns the layers have room for: they grow together, and only growing moves their buffers."""
+        return self.layers[0].capacity if self.layers else 0

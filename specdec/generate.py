@@ -119,10 +119,9 @@ def _new_token_count(acc, eos: torch.Tensor, room: torch.Tensor) -> torch.Tensor
     return torch.minimum(count, room)
 
 
-def _addresses(seqs: Sequences, cache) -> tuple:
-    """Where the buffers a captured step writes to live."""
-    tensors = [seqs.tokens, seqs.features] + [t for layer in cache.layers for t in (layer._k, layer._v)]
-    return tuple(t.data_ptr() for t in tensors if t is not None)
+def graph_key(shape, seqs: Sequences, cache) -> tuple:
+    """What a step captured for a tree of ``shape`` depends on: buffers that grew have moved."""
+    return shape, seqs.tokens.shape[1], cache.capacity
 
 
 # Counters a step adds up on the device, so that keeping statistics reads nothing back per step.
@@ -130,14 +129,14 @@ COUNTERS = ("row_steps", "drafted_tokens", "accepted_tokens", "new_tokens")
 
 
 def verify_step(model, cache, seqs: Sequences, tree: Tree, sampling: Sampling, counters: torch.Tensor,
-                want_features: bool, held: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+                want_features: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One verification: the target runs once over ``tree``, each row's accepted path stays in ``cache``
     and is appended to ``seqs``, and ``counters`` (see ``COUNTERS``) grow. Returns the new tokens (B, D)
     and how many of them each row keeps.
 
-    Every write is in place, and with the cache held at length ``held`` (``TreeCache.hold``) nothing reads
-    the device, so a CUDA graph can capture the whole step (:mod:`specdec.graphs`). Without ``held`` the
-    tree goes after the cache's current length, which is then cropped to the longest row.
+    Every write is in place, and with the cache held at a fixed length (``TreeCache.hold``) nothing reads
+    the device, so a CUDA graph can capture the whole step (:mod:`specdec.graphs`). Otherwise the tree goes
+    after the cache's current length, which is then cropped to the longest row.
     """
     active = ~seqs.finished
     cache_len = cache.get_seq_length()
@@ -147,7 +146,7 @@ def verify_step(model, cache, seqs: Sequences, tree: Tree, sampling: Sampling, c
             model, cache, tree.tokens, positions, Prefix(seqs.start, seqs.end - 1), tree.ancestors, positions
         )
     acc = verify(tree, logits, sampling, seqs.generated[:, None] + tree.depth, seqs.end[:, None] + tree.depth)
-    cache.compact(cache_len + acc.path, seqs.end - 1, torch.where(active, acc.length, 0), held)
+    cache.compact(cache_len + acc.path, seqs.end - 1, torch.where(active, acc.length, 0))
     eos = sampling.eos(tree.tokens.device)
     count = torch.where(active, _new_token_count(acc, eos, seqs.limit - seqs.end), 0)
     if captured:
@@ -223,9 +222,6 @@ def generate(
     counters = torch.zeros(len(COUNTERS), dtype=torch.long, device=dev)
     eos = sampling.eos(dev)
     graphs = StepGraphs(enabled=fast_path is not False and dev.type == "cuda")
-    # Held cache length for fixed shapes: every row's cached columns end before the sequence limit.
-    held = seqs.limit if fast_path or graphs.enabled else None
-
     # Drafting joins the captured step when the drafter's trees have a fixed size and its work is on the device.
     fixed_nodes = 1 if drafter is None else drafter.fixed_nodes
 
@@ -233,10 +229,8 @@ def generate(
         return drafter.propose(seqs) if drafter is not None else Tree.root_only(seqs.last)
 
     def step(tree: Tree | None):
-        tree = propose() if tree is None else tree
-        if held is not None:  # again, for a step re-run after a failed capture left the cache written to
-            cache.hold(held, tree.tokens.shape[1])
-        return verify_step(model, cache, seqs, tree, sampling, counters, want_features, held)
+        return verify_step(model, cache, seqs, propose() if tree is None else tree, sampling, counters,
+                           want_features)
 
     try:
         with features.capture(model, want_features) as captured:
@@ -251,21 +245,21 @@ def generate(
         seqs.append(first[:, None], torch.ones_like(first))
         seqs.finished |= (seqs.end >= seqs.limit) | torch.isin(first, eos)
         counters[COUNTERS.index("new_tokens")] += batch
+        if fast_path or graphs.enabled:  # fixed shapes: every row's cached columns end before the limit
+            cache.hold(seqs.limit)
         if drafter is not None:
             drafter.begin(model, seqs, sampling)
         if streamer is not None:
             streamer.put(input_ids.cpu())
             streamer.put(first.cpu())
-        while not bool(seqs.finished.all()):
-            t0 = _sync(dev)
-            tree = propose() if fixed_nodes is None else None
-            t1 = _sync(dev)
-            if held is not None:  # before the graph's key is taken: buffers that grow move
-                cache.hold(held, fixed_nodes or tree.tokens.shape[1])
-            key = ("drafted", fixed_nodes) if tree is None else tree.shape
-            tokens, count = graphs.run(step, (key, _addresses(seqs, cache)), tree)
-            if fast_path is None and not graphs.enabled:
-                held = None
+        while not bool(seqs.finished.all()):  # reads the device, so t0 needs no synchronisation of its own
+            t0 = time.perf_counter()
+            tree = None if fixed_nodes is not None else propose()
+            t1 = t0 if tree is None else _sync(dev)
+            shape = ("drafted", fixed_nodes) if tree is None else tree.shape
+            tokens, count = graphs.run(step, graph_key(shape, seqs, cache), tree)
+            if fast_path is None and not graphs.enabled and cache.held is not None:  # the capture failed
+                cache.hold(None)
             t2 = _sync(dev)
             stats.steps += 1
             stats.target_forwards += 1

@@ -8,9 +8,9 @@ recorded once and replayed with a single launch.
 Per tree shape: the first step runs eagerly on a side stream (which compiles the Triton kernels and warms
 cuBLAS and the caching allocator, and is a real step), the second is captured and replayed, and so is
 every later one; only the tree is copied into the graph's input buffers. A graph records buffer
-addresses, so the caller's ``buffers`` (the cache's and the sequences') are part of its key: buffers that
-grew and moved get a new graph. A step that cannot be captured (a model whose forward reads the device,
-say) is run eagerly instead, graphs are off for the rest of the call, and a warning says why, once.
+addresses, so the caller's key holds what moves them (``generate.graph_key``: the buffers' sizes, which
+only grow). A step that cannot be captured (a model whose forward reads the device, say) is run eagerly
+instead, graphs are off for the rest of the call, and a warning says why, once.
 """
 
 from __future__ import annotations
@@ -32,11 +32,13 @@ def say_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+TREE_TENSORS = ("tokens", "parents", "valid", "draft_probs")
+
+
 def _inputs(tree: Tree) -> Tree:
     """Fresh copies of the tree's tensors, to become the graph's input buffers."""
-    probs = None if tree.draft_probs is None else tree.draft_probs.clone()
-    return replace(tree, tokens=tree.tokens.clone(), parents=tree.parents.clone(), valid=tree.valid.clone(),
-                   draft_probs=probs)
+    return replace(tree, **{name: getattr(tree, name).clone() for name in TREE_TENSORS
+                            if getattr(tree, name) is not None})
 
 
 def _end_generator_capture() -> None:
@@ -74,11 +76,9 @@ class StepGraphs:
                 return step(tree)
         graph, inputs, outputs = self._graphs[key]
         if inputs is not None:
-            inputs.tokens.copy_(tree.tokens)
-            inputs.parents.copy_(tree.parents)
-            inputs.valid.copy_(tree.valid)
-            if inputs.draft_probs is not None:
-                inputs.draft_probs.copy_(tree.draft_probs)
+            for name in TREE_TENSORS:
+                if getattr(inputs, name) is not None:
+                    getattr(inputs, name).copy_(getattr(tree, name))
         graph.replay()
         return outputs
 

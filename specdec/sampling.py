@@ -114,7 +114,7 @@ class Sampling:
         ``k`` i.i.d. draws when sampling, as SpecInfer's verification of sibling drafts requires."""
         if not self.do_sample:
             return probs.topk(k, dim=-1).indices
-        return torch.multinomial(probs.reshape(-1, probs.shape[-1]), k, replacement=True).view(*probs.shape[:-1], k)
+        return self.draw(probs.unsqueeze(-2).expand(*probs.shape[:-1], k, probs.shape[-1]))
 
     @staticmethod
     def draw(probs: torch.Tensor) -> torch.Tensor:

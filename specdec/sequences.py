@@ -47,8 +47,8 @@ class Sequences:
 
     def _reserve(self, width: int) -> None:
         """Room for ``width`` columns written from any column before ``limit``: a bound known on the host, so
-        sizing the buffers never reads the device. When they grow they move, which a decoding step captured
-        in a CUDA graph notices by their address."""
+        sizing the buffers never reads the device. When they grow they move, so a decoding step captured in a
+        CUDA graph is keyed by their size (``generate.graph_key``)."""
         needed = self.limit + width
         capacity = self.tokens.shape[1]
         if needed <= capacity:
@@ -79,6 +79,3 @@ class Sequences:
         if buffer.dim() == 3:
             cols, keep = cols[..., None].expand_as(values), keep[..., None]
         buffer.scatter_(1, cols, torch.where(keep, values, buffer.gather(1, cols)))
-
-    def row(self, b: int) -> torch.Tensor:
-        return self.tokens[b, self.start[b] : self.end[b]]

@@ -142,18 +142,10 @@ def test_sampling_on_gpu_matches_target_distribution(monkeypatch, kind, fast_pat
     replays = []
     real = torch.cuda.CUDAGraph.replay
     monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: replays.append(1) or real(self))
-    target = tiny("llama", vocab_size=ts.V, initializer_range=0.3, eos_token_id=None)
-    with torch.no_grad():
-        for _ in range(5):
-            ts.PROMPT[0, 2] = target(ts.PROMPT).logits[0, -1].argmax()
+    target, draft = ts.make_pair()
     gpu_target = copy.deepcopy(target).cuda()  # ``target`` stays on the CPU for the exact distribution
     torch.manual_seed(0)
-    drafter = {
-        "chain": lambda: specdec.DraftModel(perturbed(target, scale=0.15).cuda(), num_draft_tokens=3),
-        "lookup": lambda: specdec.PromptLookup(num_draft_tokens=3, tree_width=2),
-        "medusa": lambda: heads.Medusa(heads.MedusaHeads(gpu_target, num_heads=2).cuda(), top_k=(2, 2)),
-        "eagle": lambda: heads.Eagle(heads.EagleHead(gpu_target).cuda(), top_k=4, depth=3, total_tokens=10),
-    }[kind]()
+    drafter = ts.make_drafter(kind, gpu_target, draft.cuda())
     torch.manual_seed(0)
     out = specdec.generate(gpu_target, ts.PROMPT.repeat(ts.ROWS, 1).cuda(), drafter=drafter, do_sample=True,
                            max_new_tokens=3, eos_token_id=None, pad_token_id=0, return_dict_in_generate=True,

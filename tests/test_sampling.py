@@ -66,8 +66,8 @@ def sample_first_two(model, drafter, settings, seed, fast_path=None):
     return out.sequences[:, PROMPT.shape[1]:].numpy(), out.stats
 
 
-@pytest.fixture(scope="module")
-def pair():
+def make_pair():
+    """A tiny target and a draft near it."""
     target = tiny("llama", vocab_size=V, initializer_range=0.3, eos_token_id=None)
     # Make the token after the first "5 2" the target's favourite after the last one, so lookup drafts
     # are sometimes accepted and sometimes not.
@@ -75,6 +75,22 @@ def pair():
         for _ in range(5):
             PROMPT[0, 2] = target(PROMPT).logits[0, -1].argmax()
     return target, perturbed(target, scale=0.15)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return make_pair()
+
+
+def make_drafter(kind, target, draft):
+    """Each kind of drafter, small enough that the chi-square test sees both branches of acceptance."""
+    return {
+        "chain": lambda: specdec.DraftModel(draft, num_draft_tokens=3),
+        "tree": lambda: specdec.DraftModel(draft, num_draft_tokens=2, tree_width=3),
+        "lookup": lambda: specdec.PromptLookup(num_draft_tokens=3, tree_width=2),
+        "medusa": lambda: heads.Medusa(heads.MedusaHeads(target, num_heads=2).to(target.device), top_k=(2, 2)),
+        "eagle": lambda: heads.Eagle(heads.EagleHead(target).to(target.device), top_k=4, depth=3, total_tokens=10),
+    }[kind]()
 
 
 SETTINGS = [
@@ -90,13 +106,7 @@ SETTINGS = [
 def test_sampling_matches_target_distribution(pair, kind, settings, fast_path):
     target, draft = pair
     torch.manual_seed(0)  # the heads' random weights, whichever tests ran before
-    drafter = {
-        "chain": specdec.DraftModel(draft, num_draft_tokens=3),
-        "tree": specdec.DraftModel(draft, num_draft_tokens=2, tree_width=3),
-        "lookup": specdec.PromptLookup(num_draft_tokens=3, tree_width=2),
-        "medusa": heads.Medusa(heads.MedusaHeads(target, num_heads=2), top_k=(2, 2)),
-        "eagle": heads.Eagle(heads.EagleHead(target), top_k=4, depth=3, total_tokens=10),
-    }[kind]
+    drafter = make_drafter(kind, target, draft)
     # Seed 0: with 1234, since acceptance draws its uniforms in fixed-shape loops, two of these tests (the same
     # seed's noise in both) score p ~ 0.0008; over seeds 0-11 every drafter's p-values spread evenly (notes).
     samples, stats = sample_first_two(target, drafter, settings, seed=0, fast_path=fast_path)
