@@ -10,11 +10,13 @@ random (cost only), bf16.
   warm-up;
 - ``graph ms``: the same for the fast path: ``generate.verify_step`` with the cache held at a fixed length,
   replayed from a CUDA graph (``specdec.graphs``), the tree copied in and the sequence rewound per step;
+- ``compiled ms``: the same with the target's forward fused by ``torch.compile`` (``generate(compile=True)``);
+  ``compiled GPU ms``: its span on the GPU alone (CUDA events around the step);
 - ``forward ms``: the model pass alone, same timing;
 - ``plain decode ms``: one token through the model with transformers' own ``DynamicCache`` of P tokens,
   which is what each step of plain ``model.generate`` costs;
 - ``floor ms``: (weight bytes + K/V bytes of P tokens) / the fastest device-to-device copy (read + write
-  bytes per second) measured in the same run; ``x floor`` = graph / floor.
+  bytes per second) measured in the same run; ``x floor`` = compiled / floor.
 
     python benchmarks/verify_step.py --out verify.json [--T 1 16 64] [--P 512 4096] [--tiny]
 
@@ -60,6 +62,22 @@ def _median_ms(fn, steps: int, warmup: int, device) -> float:
         fn()
         times.append(_sync(device) - start)
     return 1e3 * statistics.median(times)
+
+
+def _median_gpu_ms(fn, steps: int, device) -> float:
+    """Device time from the first kernel ``fn`` queues to its last (CUDA events), median of ``steps``: the
+    step's own GPU span, without the host's launch latency."""
+    if device.type != "cuda":
+        return float("nan")
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 def copy_bandwidth(device) -> float:
@@ -110,6 +128,8 @@ def run_row(model, p: int, t: int, steps: int, warmup: int, copy_bps: float, pro
     sampling = Sampling.from_config(GenerationConfig(do_sample=False))
     counters = torch.zeros(len(COUNTERS), dtype=torch.long, device=device)
     graphs = StepGraphs(enabled=device.type == "cuda")
+    compiled_graphs = StepGraphs(enabled=device.type == "cuda")
+    fused = torch.compile(model)
 
     def rewind():
         seqs.end.fill_(p + 1)
@@ -124,11 +144,18 @@ def run_row(model, p: int, t: int, steps: int, warmup: int, copy_bps: float, pro
         verify_step(model, cache, seqs, tree, sampling, counters, False)
         rewind()
 
-    def held_step(tree):
-        return verify_step(model, held_cache, seqs, tree, sampling, counters, False)
+    def held_step(tree, target=model):
+        return verify_step(target, held_cache, seqs, tree, sampling, counters, False)
+
+    def compiled_step(tree):
+        return held_step(tree, fused)
 
     def graph_step():
         graphs.run(held_step, graph_key(tree.shape, seqs, held_cache), tree)
+        rewind()
+
+    def compiled_graph_step():
+        compiled_graphs.run(compiled_step, graph_key(tree.shape, seqs, held_cache), tree)
         rewind()
 
     dynamic = DynamicCache(config=model.config)
@@ -145,34 +172,40 @@ def run_row(model, p: int, t: int, steps: int, warmup: int, copy_bps: float, pro
     row = {"P": p, "T": t,
            "step_ms": _median_ms(step, steps, warmup, device),
            "graph_ms": _median_ms(graph_step, steps, warmup, device),
+           "compiled_ms": _median_ms(compiled_graph_step, steps, warmup, device),
+           "compiled_gpu_ms": _median_gpu_ms(compiled_graph_step, steps, device),
            "forward_ms": _median_ms(forward, steps, warmup, device),
            "plain_decode_ms": _median_ms(plain_decode, steps, warmup, device),
            "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
            "floor_ms": 1e3 * (weight_bytes + kv_bytes) / copy_bps}
-    row["x_floor"] = row["graph_ms"] / row["floor_ms"]
+    row["x_floor"] = row["compiled_ms"] / row["floor_ms"]
     if profile and device.type == "cuda":
-        row["kernels_ms"] = kernel_times(held_step, tree)
+        row["kernels_ms"] = kernel_times(graph_step)
+        row["compiled_kernels_ms"] = kernel_times(compiled_graph_step)
     return row
 
 
-def kernel_times(step, tree, top: int = 12) -> dict:
-    """Where the fast path's GPU time goes: device ms per step of its costliest kernels, from one eager run
-    of the step under the profiler (a replay runs the same kernels)."""
+def kernel_times(run, top: int = 12) -> dict:
+    """Where a step's GPU time goes: device ms of its costliest kernels (with their launch counts) over one
+    ``run()`` (a replayed graph, so the kernels the step really runs), the total, and how many kernels ran."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step(tree)
+        run()
         torch.cuda.synchronize()
     events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
-    times = {e.key[:90]: round(e.self_device_time_total / 1e3, 3) for e in events[:top]}
+    times = {f"{e.key[:90]} (x{e.count})": round(e.self_device_time_total / 1e3, 3) for e in events[:top]}
     times["all kernels"] = round(sum(e.self_device_time_total for e in events) / 1e3, 3)
+    times["kernel count"] = sum(e.count for e in events if e.self_device_time_total > 0)
     return times
 
 
 def markdown(rows) -> str:
-    lines = ["| P | T | step ms (dynamic) | graph ms (fast path) | forward ms | plain decode ms | floor ms | x floor |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['P']} | {r['T']} | {r['step_ms']:.2f} | {r['graph_ms']:.2f} | {r['forward_ms']:.2f} | "
+    lines = ["| P | T | step ms (dynamic) | graph ms (fast path) | compiled ms (fast path, compile=True) | "
+             "compiled GPU ms | forward ms | plain decode ms | floor ms | x floor |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['P']} | {r['T']} | {r['step_ms']:.2f} | {r['graph_ms']:.2f} | {r['compiled_ms']:.2f} | "
+              f"{r['compiled_gpu_ms']:.2f} | {r['forward_ms']:.2f} | "
               f"{r['plain_decode_ms']:.2f} | {r['floor_ms']:.2f} | {r['x_floor']:.2f} |" for r in rows]
     return "\n".join(lines)
 

@@ -84,6 +84,10 @@ class EagleHead(nn.Module):
 
 
 class Eagle(Drafter):
+    """``propose`` is device work alone (``Drafter.fixed_nodes``), captured with verification on a GPU: the
+    head's first pass is as wide as the most pairs a row can have gained since the last step, and its cache
+    is held at the sequence limit, with each level's nodes fed past it and dropped after the step."""
+
     wants_features = True
 
     def __init__(self, head: EagleHead, top_k: int = 8, depth: int = 5, total_tokens: int = 48):
@@ -91,6 +95,16 @@ class Eagle(Drafter):
         self.head = head
         self.top_k, self.depth, self.total_tokens = top_k, depth, total_tokens
         self.cache = None
+
+    @property
+    def fixed_nodes(self) -> int:
+        """The root and the best ``total_tokens`` of the pool: ``top_k`` children of the root, then ``top_k``
+        children for each of ``top_k`` nodes per further level."""
+        return 1 + min(self.total_tokens, self.top_k + (self.depth - 1) * self.top_k**2)
+
+    @property
+    def forwards_per_step(self) -> int:
+        return self.depth
 
     def check(self, target) -> None:
         check_fingerprint(self.head.target_fingerprint, target, "This EAGLE head")
@@ -100,11 +114,12 @@ class Eagle(Drafter):
         super().begin(target, seqs, sampling)
         self.cache = TreeCache(seqs.tokens.shape[1])
         # Pairs (f_c, x_{c+1}) for every column whose feature is known, except the last: propose feeds it.
-        self.cached_end = torch.full_like(seqs.end, max(seqs.prompt_length - 2, 0))
-        width = int(self.cached_end[0])
+        width = max(seqs.prompt_length - 2, 0)
+        self.cached_end = torch.full_like(seqs.end, width)
         if width:
             pairs = self.head.inputs(seqs.features[:, :width], seqs.tokens[:, 1 : width + 1])
             self.forwards += prefill(self.head.decoder, self.cache, pairs, seqs.start)[0]
+        self.cache.hold(seqs.limit)
 
     def end(self) -> None:
         self.cache = None
@@ -112,7 +127,6 @@ class Eagle(Drafter):
     def _run(self, fn, *args):
         with features.capture(self.head.decoder) as captured:
             logits = fn(self.head.decoder, self.cache, *args)
-        self.forwards += 1
         return logits.float(), captured[0]
 
     def _children(self, logits, seqs: Sequences, depth: int):
@@ -129,18 +143,19 @@ class Eagle(Drafter):
     def propose(self, seqs: Sequences) -> Tree:
         batch, dev, k = seqs.end.shape[0], seqs.end.device, self.top_k
         rows = torch.arange(batch, device=dev)[:, None]
+        held = seqs.limit
+        self.cache.hold(held)  # as ``begin`` left it, even after a capture that failed mid-step
 
         # Catch up on the pairs whose features the last verification produced; the last one is the root's.
+        # At most a whole path of the last tree and its bonus token (2 after the prompt), none once a row
+        # has finished.
         count = seqs.end - 1 - self.cached_end
-        if int(count.max()) <= 0:
-            return Tree.root_only(seqs.last)
-        cols = (self.cached_end[:, None] + torch.arange(int(count.max()), device=dev)).clamp(max=seqs.end.max() - 2)
+        cols = (self.cached_end[:, None] + torch.arange(self.depth + 1, device=dev)).clamp(max=seqs.end.max() - 2)
         pairs = self.head.inputs(seqs.features.gather(1, cols[..., None].expand(-1, -1, seqs.features.shape[-1])),
                                  seqs.tokens.gather(1, cols + 1))
         logits, feats = self._run(extend_chains, pairs, count, Prefix(seqs.start, self.cached_end))
         last = (count - 1).clamp(min=0)[:, None]
-        self.cached_end = seqs.end - 1
-        committed = self.cache.get_seq_length()
+        self.cached_end.copy_(seqs.end - 1)
 
         # Candidate pool, level by level: tokens, parent (pool index, 0 = root) and score (float64, so the
         # small depth penalty always breaks parent-child ties in the parent's favour).
@@ -164,6 +179,7 @@ class Eagle(Drafter):
             seen = torch.cat([torch.nn.functional.pad(seen, (0, width)), new_rows], 1)
             fed_pos.append((root_pos + level).expand(-1, width))
             tokens = torch.cat([seqs.last[:, None]] + pool_tokens, 1)
+            self.cache.hold(held + fed)  # the nodes fed before stay in the cache, below the held length
             logits, feats = self._run(
                 forward_nodes, self.head.inputs(parent_feats, tokens.gather(1, frontier)), fed_pos[-1],
                 Prefix(seqs.start, seqs.end - 1), new_rows, torch.cat(fed_pos, 1),
@@ -181,7 +197,7 @@ class Eagle(Drafter):
             parent_slot = fed + best // k
             parent_feats = feats.gather(1, (best // k)[..., None].expand(-1, -1, feats.shape[-1]))
             size += kid_scores.shape[1]
-        self.cache.crop(committed)
+        self.cache.hold(held)
 
         tokens = torch.cat(pool_tokens, 1)
         scores = torch.cat(pool_scores, 1)

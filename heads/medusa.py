@@ -93,23 +93,33 @@ class Medusa(Drafter):
         self.k = max(p[-1] for p in tree) + 1
         self.max_depth = max(len(p) for p in tree)
         self.max_children = max(collections.Counter(p[:-1] for p in tree).values())
+        self.fixed_nodes = len(tree) + 1
+
+    # One pass of the heads per step, counted by the loop: a replayed graph runs no Python.
+    forwards_per_step = 1
 
     def check(self, target) -> None:
         check_fingerprint(self.heads.target_fingerprint, target, "These Medusa heads")
         check_device(self.heads, target)
 
+    def begin(self, target, seqs: Sequences, sampling) -> None:
+        """The tree's layout goes to the device once per call: a copy from the host cannot be captured."""
+        super().begin(target, seqs, sampling)
+        dev = seqs.end.device
+        self.layout = tuple(x.to(dev) for x in (self.parents, self.depths, self.ranks))
+
+    def end(self) -> None:
+        self.layout = None
+
     @torch.no_grad()
     def propose(self, seqs: Sequences) -> Tree:
-        if seqs.features is None:  # one-token prompts: no feature yet
-            return Tree.root_only(seqs.last)
         batch, dev = seqs.end.shape[0], seqs.end.device
         rows = torch.arange(batch, device=dev)
         # The feature that predicted the root: the target's last hidden state before it.
         feature = seqs.features[rows, (seqs.end - 2).clamp(min=0)]
         logits = self.heads(feature)  # (B, K, V)
-        self.forwards += 1
-        depths, ranks = self.depths.to(dev), self.ranks.to(dev)
-        parents = self.parents.to(dev).expand(batch, -1)
+        parents, depths, ranks = self.layout
+        parents = parents.expand(batch, -1)
         if not self.sampling.do_sample:
             tokens = logits.topk(self.k, dim=-1).indices[:, depths, ranks]
             tokens[:, 0] = seqs.last

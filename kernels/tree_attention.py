@@ -168,8 +168,10 @@ def pack_visibility(visible: torch.Tensor) -> torch.Tensor:
 # How the prefix is split (``benchmarks/tree_attention.py --sweep``; docs/notes.md): enough programs for
 # WAVES per multiprocessor, but each split reads at least MIN_CHUNK columns, and at least CHUNK_PER_ROW
 # columns per output row it writes, so the fp32 partials stay a small fraction of the K/V traffic.
+# MIN_CHUNK 512 rather than 1024: in an 8B verification step at P=4k, T=16 (H100) the kernel took 0.44
+# instead of 0.63 ms per step, 8 splits per KV head instead of 4 (benchmarks/verify_step.py, profiled).
 WAVES = 4
-MIN_CHUNK = 1024
+MIN_CHUNK = 512
 CHUNK_PER_ROW = 8
 
 

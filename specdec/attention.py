@@ -86,9 +86,29 @@ class TreeInputs:
                    q_pos.contiguous(), region_pos.contiguous())
 
 
+@torch.library.custom_op("specdec::tree_attention", mutates_args=())
+def _tree_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, start: torch.Tensor,
+                       end: torch.Tensor, region_start: int, bits: torch.Tensor, q_pos: torch.Tensor,
+                       region_pos: torch.Tensor, scale: float | None, window: int | None,
+                       softcap: float | None) -> torch.Tensor:
+    """The kernel as an operator that ``torch.compile`` treats as opaque: Dynamo cannot trace a Triton
+    launch under ``TRITON_INTERPRET=1``, and needs no more than the output's shape."""
+    from specdec.kernels.tree_attention import tree_attention
+
+    return tree_attention(query, key, value, start, end, region_start, bits, q_pos, region_pos, scale=scale,
+                          window=window, softcap=softcap)
+
+
+@_tree_attention_op.register_fake
+def _(query, key, value, start, end, region_start, bits, q_pos, region_pos, scale, window, softcap):
+    batch, heads, t, head_dim = query.shape
+    return query.new_empty(batch, t, heads, head_dim)
+
+
 def tree_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                            sliding_window=None, softcap=None, tree: TreeInputs | None = None, **kwargs):
-    """transformers' attention-function signature; returns ((B, Q, Hq, D) output, no weights)."""
+    """transformers' attention-function signature; returns ((B, Q, Hq, D) output, no weights). Eager calls
+    skip the operator's dispatch (tens of microseconds per layer on a slow host)."""
     from specdec.kernels.tree_attention import tree_attention
 
     if tree is None:
@@ -97,11 +117,10 @@ def tree_attention_forward(module, query, key, value, attention_mask, scaling=No
         raise RuntimeError("attention dropout is active: call model.eval() before speculative decoding.")
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("attention sinks (s_aux) are not supported by the tree-attention kernel.")
-    out = tree_attention(
-        query, key, value, tree.start, tree.end, tree.region_start, tree.bits, tree.q_pos, tree.region_pos,
-        scale=scaling, window=sliding_window, softcap=softcap,
-    )
-    return out, None
+    args = (query, key, value, tree.start, tree.end, tree.region_start, tree.bits, tree.q_pos, tree.region_pos)
+    if torch.compiler.is_compiling():
+        return _tree_attention_op(*args, scaling, sliding_window, softcap), None
+    return tree_attention(*args, scale=scaling, window=sliding_window, softcap=softcap), None
 
 
 @contextlib.contextmanager

@@ -36,7 +36,7 @@ MODES = {
     "sample": dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0),  # the target's distribution, unwarped
 }
 BASELINE, ASSISTED, OURS = "generate", "assisted", "specdec"
-NO_DRAFTER = ("specdec, no drafter", "specdec, no drafter, dynamic")
+NO_DRAFTER = ("specdec, no drafter", "specdec, no drafter, dynamic", "specdec, no drafter, compiled")
 
 
 @dataclass(frozen=True)
@@ -47,9 +47,10 @@ class Strategy:
 
 
 def strategies(models: Models, *, draft_tokens: int = 6, lookup_tokens: int = 10,
-               dynamic: bool | None = None) -> list[Strategy]:
+               dynamic: bool | None = None, compiled: bool = False) -> list[Strategy]:
     """What ``models`` allows: drafters whose model or heads are missing are left out. ``dynamic`` adds each
-    of ours again on the dynamic path, named "..., dynamic" (default: on a GPU, where the paths differ)."""
+    of ours again on the dynamic path, named "..., dynamic" (default: on a GPU, where the paths differ);
+    ``compiled`` adds each with the target compiled (``generate(compile=True)``), named "..., compiled"."""
     target = models.target
     if dynamic is None:
         dynamic = target.device.type == "cuda"
@@ -57,10 +58,10 @@ def strategies(models: Models, *, draft_tokens: int = 6, lookup_tokens: int = 10
     def theirs(**options):
         return lambda ids, mask, **kw: (target.generate(ids, attention_mask=mask, **options, **kw), None)
 
-    def ours(drafter, fast_path=None):
+    def ours(drafter, **options):
         def run(ids, mask, **kw):
             res = generate(target, ids, attention_mask=mask, drafter=drafter, return_dict_in_generate=True,
-                           fast_path=fast_path, **kw)
+                           **options, **kw)
             return res.sequences, res.stats
         return run
 
@@ -77,6 +78,8 @@ def strategies(models: Models, *, draft_tokens: int = 6, lookup_tokens: int = 10
         found.append(Strategy(name, OURS, ours(drafter)))
         if dynamic:
             found.append(Strategy(f"{name}, dynamic", OURS, ours(drafter, fast_path=False)))
+        if compiled:
+            found.append(Strategy(f"{name}, compiled", OURS, ours(drafter, compile=True)))
         if drafter is None:  # transformers' assisted generation after our loop's own cost
             if models.draft is not None:
                 found.append(Strategy("assisted: draft model", ASSISTED, theirs(assistant_model=models.draft)))

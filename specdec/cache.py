@@ -10,6 +10,8 @@ re-prefilled. Buffers are preallocated and grow by doubling, instead of the ``to
 A step captured in a CUDA graph needs fixed shapes: ``hold(C)`` keeps the cache's length at C, so every tree
 is written to the same columns [C, C + N) and compacted from there (see :mod:`specdec.graphs`), and a step
 changes no Python-side state: a pass that is recorded but not run (a failed capture) leaves nothing stale.
+A drafter that feeds a tree level by level holds its own cache past the levels already fed, so they stay
+visible as the next level's region, and holds it back at C when the tree is done.
 Buffers are zero-filled, since columns below C that no row has reached yet are then read (and masked) too,
 and masking does not cancel a NaN that uninitialised memory may hold.
 
@@ -19,8 +21,6 @@ exact, at the cost of memory proportional to the sequence rather than to the win
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
@@ -28,11 +28,11 @@ from . import attention
 
 
 class TreeLayer(DynamicLayer):
-    def __init__(self, capacity: int = 256):
+    def __init__(self, capacity: int = 256, held: int | None = None):
         super().__init__()
         self.capacity = capacity
         self.length = 0
-        self.held = False  # while held, writes go after ``length`` and leave it as it is
+        self.held = held  # the held length (see ``TreeCache.hold``): writes go after it and leave it as it is
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -40,6 +40,7 @@ class TreeLayer(DynamicLayer):
         self._v = value_states.new_zeros(*value_states.shape[:2], self.capacity, value_states.shape[-1])
         self.is_initialized = True
         self._set_length(0)
+        self.hold(self.held)  # a layer the model first writes to while its cache is held joins the hold
 
     def _set_length(self, length: int) -> None:
         self.length = length
@@ -63,13 +64,19 @@ class TreeLayer(DynamicLayer):
         self._reserve(start + n)
         self._k[:, :, start : start + n] = key_states
         self._v[:, :, start : start + n] = value_states
-        if self.held:
+        if self.held is not None:
             return self._k[:, :, : start + n], self._v[:, :, : start + n]
         self._set_length(start + n)
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
         return self.length
+
+    def hold(self, length: int | None) -> None:
+        self.held = length
+        if length is not None and self.is_initialized:
+            self._reserve(length)
+            self._set_length(length)
 
     def crop(self, max_length: int) -> None:
         if max_length < 0:
@@ -100,7 +107,7 @@ class TreeCache(Cache):
     """One :class:`TreeLayer` per attention layer, created as the model first writes to it."""
 
     def __init__(self, capacity: int = 256):
-        super().__init__(layer_class_to_replicate=partial(TreeLayer, capacity))
+        super().__init__(layer_class_to_replicate=lambda: TreeLayer(capacity, self.held))
         self.held: int | None = None
 
     @classmethod
@@ -127,15 +134,15 @@ class TreeCache(Cache):
             layer.compact(src, dest, keep, length)
 
     def hold(self, length: int | None) -> None:
-        """Keep the length at ``length`` (past every row's end) from now on; None lets it follow the rows
-        again, from there."""
+        """Keep the length at ``length`` (past every row's end) from now on, in layers the model has not
+        written to yet too; None lets it follow the rows again, from there."""
         self.held = length
         for layer in self.layers:
-            if layer.is_initialized:
-                layer.held = length is not None
-                if length is not None:
-                    layer._reserve(length)
-                    layer._set_length(length)
+            layer.hold(length)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """The held length, before any layer exists too (a drafter's cache with no prompt to prefill)."""
+        return self.held if self.held is not None else super().get_seq_length(layer_idx)
 
     @property
     def capacity(self) -> int:

@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     bench.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="auto: bfloat16 on a GPU, float32 on a CPU (where bf16 matmuls are slow)")
+    bench.add_argument("--compiled", action="store_true",
+                       help="also run each of ours with the target compiled (generate(compile=True))")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--out", help="write the record as JSON here")
     for name in DELEGATED:
@@ -70,7 +72,8 @@ def _bench(args, argv) -> None:
                            device=args.device, dtype=getattr(torch, dtype))
     prompts = models.prompts(args.prompts)
     record = bench.measure(models, prompts, modes=args.modes, max_new_tokens=args.max_new_tokens, only=args.only,
-                           seed=args.seed, draft_tokens=args.draft_tokens, lookup_tokens=args.lookup_tokens)
+                           seed=args.seed, draft_tokens=args.draft_tokens, lookup_tokens=args.lookup_tokens,
+                           compiled=args.compiled)
     record = {"command": "specdec bench " + " ".join(argv[1:]), **bench.environment(models),
               "settings": {k: v for k, v in vars(args).items() if k not in ("command", "out")},
               "prompts": prompts, **record}

@@ -176,6 +176,7 @@ def generate(
     streamer=None,
     past_key_values=None,
     fast_path: bool | None = None,
+    compile: bool = False,
     **kwargs,
 ):
     """Generate as ``model.generate`` would, verifying drafted tokens in one target pass per step.
@@ -188,6 +189,11 @@ def generate(
     and runs the dynamic path on a CPU; True runs the fixed-shape step everywhere (without graphs on a
     CPU, where it checks that path); False always runs the dynamic path. A model whose step cannot be
     captured falls back to the dynamic path, with a warning said once.
+
+    ``compile=True`` also fuses the target's forward in that step with ``torch.compile`` (Inductor): the
+    norms, rotary embeddings and activations that eager modeling code runs as dozens of small kernels per
+    layer. The first call compiles (seconds for small models, minutes for large ones); later calls reuse
+    it. It implies the fixed-shape step, on a CPU too.
     """
     check_model(model, "model")
     drafter = _resolve_drafter(drafter, assistant_model, prompt_lookup_num_tokens)
@@ -197,6 +203,11 @@ def generate(
         raise ValueError("`input_ids` is empty: each row needs at least one token.")
     if fast_path not in (None, True, False):
         raise ValueError(f"`fast_path` must be None, True or False, got {fast_path!r}.")
+    if compile not in (True, False):
+        raise ValueError(f"`compile` must be True or False, got {compile!r}.")
+    if compile and fast_path is False:
+        raise ValueError("`compile=True` compiles the fixed-shape step, which `fast_path=False` refuses; "
+                         "drop one of them.")
     batch, width = input_ids.shape
     config, max_new = _resolve_config(model, generation_config, kwargs, width)
     sampling = Sampling.from_config(config)
@@ -228,9 +239,12 @@ def generate(
     def propose() -> Tree:
         return drafter.propose(seqs) if drafter is not None else Tree.root_only(seqs.last)
 
+    # Compiled only where shapes are fixed: a held cache (a failed capture lets go of it).
+    fused = torch.compile(model) if compile else model
+
     def step(tree: Tree | None):
-        return verify_step(model, cache, seqs, propose() if tree is None else tree, sampling, counters,
-                           want_features)
+        return verify_step(fused if cache.held is not None else model, cache, seqs,
+                           propose() if tree is None else tree, sampling, counters, want_features)
 
     try:
         with features.capture(model, want_features) as captured:
@@ -245,7 +259,7 @@ def generate(
         seqs.append(first[:, None], torch.ones_like(first))
         seqs.finished |= (seqs.end >= seqs.limit) | torch.isin(first, eos)
         counters[COUNTERS.index("new_tokens")] += batch
-        if fast_path or graphs.enabled:  # fixed shapes: every row's cached columns end before the limit
+        if fast_path or compile or graphs.enabled:  # fixed shapes: rows' cached columns end before the limit
             cache.hold(seqs.limit)
         if drafter is not None:
             drafter.begin(model, seqs, sampling)
@@ -258,7 +272,7 @@ def generate(
             t1 = t0 if tree is None else _sync(dev)
             shape = ("drafted", fixed_nodes) if tree is None else tree.shape
             tokens, count = graphs.run(step, graph_key(shape, seqs, cache), tree)
-            if fast_path is None and not graphs.enabled and cache.held is not None:  # the capture failed
+            if graphs.failed and not fast_path and cache.held is not None:
                 cache.hold(None)
             t2 = _sync(dev)
             stats.steps += 1
@@ -271,7 +285,7 @@ def generate(
             streamer.end()
     finally:
         if drafter is not None:
-            stats.draft_forwards = drafter.forwards
+            stats.draft_forwards = drafter.forwards + drafter.forwards_per_step * stats.steps
             drafter.end()
     for name, value in zip(COUNTERS, counters.tolist()):
         setattr(stats, name, value)

@@ -56,6 +56,7 @@ class StepGraphs:
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
+        self.failed = False
         self._graphs: dict = {}
         self._warm: set = set()
 
@@ -70,7 +71,7 @@ class StepGraphs:
                 self._graphs[key] = self._capture(step, tree)
             except Exception as error:  # noqa: BLE001 - any capture failure means: run without graphs
                 _end_generator_capture()
-                self.enabled = False
+                self.enabled, self.failed = False, True
                 say_once(f"specdec: this model's decoding step cannot be captured as a CUDA graph "
                          f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); using the dynamic path.")
                 return step(tree)

@@ -60,13 +60,14 @@ def test_bench_counts_target_forwards_for_transformers_strategies_too(models):
 
 def test_cli_bench_writes_a_record_with_how_to_reproduce_it(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    cli.main(["bench", "--prompts", "1", "--max-new-tokens", "8", "--modes", "greedy", "--only", "specdec: medusa",
-              "--device", "cpu", "--out", str(out)])
+    cli.main(["bench", "--prompts", "1", "--max-new-tokens", "8", "--modes", "greedy", "--compiled",
+              "--only", "specdec: medusa, compiled", "--device", "cpu", "--out", str(out)])
     record = json.loads(out.read_text())
     assert record["command"].startswith("specdec bench --prompts 1")
     assert record["device"].startswith("cpu") and record["dtype"] == "float32" and record["versions"]["torch"]
-    assert [r["strategy"] for r in record["results"]] == ["generate", "specdec: medusa"]
-    assert "| greedy | specdec: medusa |" in capsys.readouterr().out
+    assert [r["strategy"] for r in record["results"]] == ["generate", "specdec: medusa, compiled"]
+    assert record["results"][1]["same_text"] is True
+    assert "| greedy | specdec: medusa, compiled |" in capsys.readouterr().out
 
 
 def test_cli_demo_shows_identical_text(capsys):

@@ -41,7 +41,10 @@ def tie_gaps(model, expected, got, mask):
     return gaps
 
 
-def compare(arch, dtype, fast_path=None):
+PATHS = {"graphs": {}, "dynamic": {"fast_path": False}, "compiled": {"compile": True}}
+
+
+def compare(arch, dtype, path="graphs"):
     """Rows identical to ``model.generate``, rows compared, and the tie gaps of the rows that differ."""
     model = tiny(arch, attn="eager" if arch == "gemma2" else "sdpa").to("cuda", dtype)
     draft = perturbed(model.cpu().float()).to("cuda", dtype)
@@ -55,23 +58,26 @@ def compare(arch, dtype, fast_path=None):
                     heads.Medusa(heads.MedusaHeads(model, num_heads=3)), heads.Eagle(heads.EagleHead(model), 3, 4, 12)]
         for drafter in drafters:
             got = specdec.generate(model, ids, attention_mask=mask, drafter=drafter, max_new_tokens=32,
-                                   fast_path=fast_path)
+                                   **PATHS[path])
             same += int((got == expected).all(1).sum())
             total += got.shape[0]
             gaps += tie_gaps(model, expected, got, mask)
     return same, total, gaps
 
 
-@pytest.mark.parametrize("fast_path", [None, False], ids=["graphs", "dynamic"])
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral", "gemma2", "gpt2"])
+@pytest.mark.parametrize("arch,path", [(arch, path) for arch in ["llama", "qwen3", "mistral", "gemma2", "gpt2"]
+                                       for path in ["graphs", "dynamic"]]
+                         + [("llama", "compiled"), ("gemma2", "compiled")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_greedy_on_gpu(arch, dtype, fast_path):
-    same, total, gaps = compare(arch, dtype, fast_path)
+def test_greedy_on_gpu(arch, dtype, path):
+    """Compiled, bf16 rounds differently again: Inductor keeps fused chains of bf16 ops in fp32 and rounds once,
+    where eager code rounds after every op, so fewer rows (29 of 64 on an H100) stay clear of the ties."""
+    same, total, gaps = compare(arch, dtype, path)
     if dtype == torch.float32:
         assert same == total
     else:
-        assert same >= total // 2, f"only {same}/{total} rows identical"
         assert max(gaps, default=0.0) < TIE, f"a divergence away from a tie: relative gaps {gaps}"
+        assert same >= total // (3 if path == "compiled" else 2), f"only {same}/{total} rows identical"
 
 
 def test_tie_check_catches_a_wrong_tree(monkeypatch):
@@ -97,15 +103,28 @@ def test_head_training_on_gpu(target_dir, tokenizer, tmp_path, kind, dtype):
     assert torch.equal(got, expected)
 
 
-def test_steps_replay_captured_graphs(monkeypatch):
-    """On a GPU the default path captures the step once per tree shape and replays it from then on."""
+@pytest.mark.parametrize("kind,path", [("lookup", "graphs"), ("medusa", "graphs"), ("draft", "graphs"),
+                                       ("eagle", "graphs"), ("medusa", "compiled"), ("eagle", "compiled")])
+def test_steps_replay_captured_graphs(monkeypatch, kind, path):
+    """On a GPU the default path captures the step once per tree shape and replays it from then on, every
+    drafter's drafting with it (a drafter reading the device would fail the capture and warn)."""
     replays = []
     real = torch.cuda.CUDAGraph.replay
     monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: replays.append(1) or real(self))
-    model = tiny("llama").to("cuda")
+    model = tiny("llama")
+    draft = perturbed(model).to("cuda")
+    model.to("cuda")
+    drafter = {"lookup": lambda: specdec.PromptLookup(4),
+               "medusa": lambda: heads.Medusa(heads.MedusaHeads(model, num_heads=3)),
+               "draft": lambda: specdec.DraftModel(draft, 3, tree_width=2),
+               "eagle": lambda: heads.Eagle(heads.EagleHead(model), 3, 4, 12)}[kind]()
     ids, mask = [t.cuda() for t in prompts(2, 9, 0)]
-    out = specdec.generate(model, ids, attention_mask=mask, drafter=specdec.PromptLookup(4), max_new_tokens=40,
-                           eos_token_id=None, return_dict_in_generate=True)
+    expected = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=40, eos_token_id=None)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*cannot be captured")  # no fallback to the dynamic path
+        out = specdec.generate(model, ids, attention_mask=mask, drafter=drafter, max_new_tokens=40,
+                               eos_token_id=None, return_dict_in_generate=True, **PATHS[path])
+    assert torch.equal(out.sequences, expected)
     assert out.stats.steps >= 5
     assert len(replays) == out.stats.steps - 1  # the first step of the shape runs eagerly, as warm-up
 
@@ -131,9 +150,9 @@ def test_uncapturable_model_falls_back_and_says_so_once(monkeypatch):
     assert sampled.shape[0] == 2  # still work after the failed capture (they raised before the fix)
 
 
-@pytest.mark.parametrize("fast_path", [None, False], ids=["graphs", "dynamic"])
-@pytest.mark.parametrize("kind", ["chain", "lookup", "medusa", "eagle"])
-def test_sampling_on_gpu_matches_target_distribution(monkeypatch, kind, fast_path):
+@pytest.mark.parametrize("kind,path", [(kind, path) for kind in ["chain", "lookup", "medusa", "eagle"]
+                                       for path in ["graphs", "dynamic"]] + [("medusa", "compiled")])
+def test_sampling_on_gpu_matches_target_distribution(monkeypatch, kind, path):
     """The chi-square test of tests/test_sampling.py, on a GPU, one token later: the second step is the
     first one replayed from a graph, so tokens 2-3 (given the most frequent first token) are tested; random
     numbers drawn inside a replayed graph must be fresh at every replay."""
@@ -149,7 +168,7 @@ def test_sampling_on_gpu_matches_target_distribution(monkeypatch, kind, fast_pat
     torch.manual_seed(0)
     out = specdec.generate(gpu_target, ts.PROMPT.repeat(ts.ROWS, 1).cuda(), drafter=drafter, do_sample=True,
                            max_new_tokens=3, eos_token_id=None, pad_token_id=0, return_dict_in_generate=True,
-                           fast_path=fast_path, **ts.SETTINGS[0])
+                           **PATHS[path], **ts.SETTINGS[0])
     new = out.sequences[:, ts.PROMPT.shape[1]:].cpu()
     assert ts.chi2_pvalue(new[:, :2].numpy(), ts.exact_joint(target, ts.SETTINGS[0])) > 1e-3
     first = new[:, 0].mode().values
@@ -158,7 +177,7 @@ def test_sampling_on_gpu_matches_target_distribution(monkeypatch, kind, fast_pat
     prompt = torch.cat([ts.PROMPT, first.view(1, 1)], 1)
     assert ts.chi2_pvalue(given, ts.exact_joint(target, ts.SETTINGS[0], prompt)) > 1e-3
     assert out.stats.accepted_tokens > 0.05 * ts.ROWS
-    assert (len(replays) > 0) == (fast_path is None)
+    assert (len(replays) > 0) == (path != "dynamic")
 
 
 def test_bench_counts_forwards_replayed_from_graphs():

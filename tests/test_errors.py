@@ -109,3 +109,13 @@ def test_error_mid_generation_leaves_model_and_cache_usable(model):
         assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
     expected = model.generate(ids, do_sample=False, max_new_tokens=20)
     assert torch.equal(specdec.generate(model, ids, past_key_values=cache, assistant_model=draft, max_new_tokens=20), expected)
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(fast_path="yes"), "`fast_path` must be None, True or False"),
+    (dict(compile="yes"), "`compile` must be True or False"),
+    (dict(compile=True, fast_path=False), "`compile=True`.*`fast_path=False`"),
+])
+def test_path_options(model, options, match):
+    with pytest.raises(ValueError, match=match):
+        specdec.generate(model, prompts(1, 5, 0)[0], max_new_tokens=4, **options)

@@ -56,12 +56,12 @@ def chi2_pvalue(samples, joint):
     return chisquare(obs[keep], exp[keep] * obs[keep].sum() / exp[keep].sum()).pvalue
 
 
-def sample_first_two(model, drafter, settings, seed, fast_path=None):
+def sample_first_two(model, drafter, settings, seed, fast_path=None, compile=False):
     torch.manual_seed(seed)
     ids = PROMPT.repeat(ROWS, 1)
     out = specdec.generate(
         model, ids, drafter=drafter, do_sample=True, max_new_tokens=2, eos_token_id=None, pad_token_id=0,
-        return_dict_in_generate=True, fast_path=fast_path, **settings,
+        return_dict_in_generate=True, fast_path=fast_path, compile=compile, **settings,
     )
     return out.sequences[:, PROMPT.shape[1]:].numpy(), out.stats
 
@@ -113,6 +113,17 @@ def test_sampling_matches_target_distribution(pair, kind, settings, fast_path):
     # Both branches of the rejection rule must be exercised, or the test would prove little.
     assert 0.05 * ROWS < stats.accepted_tokens < 0.9 * stats.drafted_tokens
     assert chi2_pvalue(samples, exact_joint(target, settings)) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["tree", "medusa"])
+def test_compiled_target_samples_its_distribution(pair, kind):
+    """``compile=True``: the target's fused forward feeds the same acceptance rule, so the same test holds."""
+    target, draft = pair
+    torch.manual_seed(0)
+    drafter = make_drafter(kind, target, draft)
+    samples, stats = sample_first_two(target, drafter, SETTINGS[2], seed=0, compile=True)
+    assert 0.05 * ROWS < stats.accepted_tokens < 0.9 * stats.drafted_tokens
+    assert chi2_pvalue(samples, exact_joint(target, SETTINGS[2])) > 1e-3
 
 
 def test_negative_control_detects_a_biased_sampler(pair):

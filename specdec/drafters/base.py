@@ -28,8 +28,13 @@ class Drafter:
     # captures them in every target pass, the prompt's included.
     wants_features: bool = False
     # The node count of every tree, for drafters whose ``propose`` is device work alone (fixed shapes, no
-    # reads of the device, no Python-side state): a CUDA graph then captures drafting with verification.
+    # reads of the device; per-step state lives in tensors updated in place, and Python-side state is back as
+    # it was when it returns): a CUDA graph then captures drafting with verification. The loop runs such a
+    # ``propose`` inside the step on every path.
     fixed_nodes: int | None = None
+    # Forward passes per ``propose`` of such a drafter, which the loop counts into ``forwards`` (a replayed
+    # graph runs no Python).
+    forwards_per_step: int = 0
 
     def check(self, target) -> None:
         pass

@@ -20,9 +20,11 @@ class DraftModel(Drafter):
     from the draft's distribution when sampling (as SpecInfer's verification requires). Costs
     ``num_draft_tokens`` draft forward passes per step, whatever the width.
 
-    The draft's KV cache always holds exactly the row's accepted tokens: drafted nodes are dropped after
-    each step and the accepted ones re-enter with the next step's first forward pass, so nothing needs
-    rolling back and that pass costs no more than a one-token pass would.
+    The draft's KV cache holds exactly the row's accepted tokens: drafted nodes go past the length it is
+    held at (the sequence limit) and are dropped after each step, and the accepted ones re-enter with the
+    next step's first forward pass, as wide as the most tokens a row can have accepted. So nothing needs
+    rolling back, that pass costs about what a one-token pass would, and nothing is measured on the host:
+    ``propose`` is device work alone (``Drafter.fixed_nodes``), captured with verification on a GPU.
     """
 
     def __init__(self, model, num_draft_tokens: int = 5, tree_width: int = 1):
@@ -32,6 +34,16 @@ class DraftModel(Drafter):
         self.num_draft_tokens = num_draft_tokens
         self.tree_width = tree_width
         self.cache = None
+
+    @property
+    def fixed_nodes(self) -> int:
+        """The root, ``w`` children of the root, then ``w`` children for each of ``w`` nodes per level."""
+        w = self.tree_width
+        return 1 + w + (self.num_draft_tokens - 1) * w * w
+
+    @property
+    def forwards_per_step(self) -> int:
+        return self.num_draft_tokens
 
     def check(self, target) -> None:
         ours = self.model.get_output_embeddings().weight.shape[0]
@@ -53,6 +65,7 @@ class DraftModel(Drafter):
         width = seqs.prompt_length
         self.forwards += prefill(self.model, self.cache, seqs.tokens[:, : width - 1], seqs.start)[0]
         self.cached_end = torch.full_like(seqs.end, width - 1)
+        self.cache.hold(seqs.limit)
 
     def end(self) -> None:
         self.cache = None
@@ -65,16 +78,17 @@ class DraftModel(Drafter):
     def propose(self, seqs: Sequences) -> Tree:
         batch, dev, w = seqs.end.shape[0], seqs.end.device, self.tree_width
         rows = torch.arange(batch, device=dev)
+        held = seqs.limit
+        self.cache.hold(held)  # as ``begin`` left it, even after a capture that failed mid-step
 
-        # Catch up on the tokens accepted since the last step (the root included).
+        # Catch up on the tokens accepted since the last step (the root included): a whole path of the last
+        # tree and its bonus token at most (2 tokens after the prompt), none once a row has finished.
         count = seqs.end - self.cached_end
-        new = torch.arange(int(count.max()), device=dev)
+        new = torch.arange(self.num_draft_tokens + 1, device=dev)
         cols = (self.cached_end[:, None] + new).clamp(max=seqs.tokens.shape[1] - 1)
         logits = extend_chains(self.model, self.cache, seqs.tokens.gather(1, cols), count,
                                Prefix(seqs.start, self.cached_end))
-        self.forwards += 1
-        self.cached_end = seqs.end.clone()
-        committed = self.cache.get_seq_length()
+        self.cached_end.copy_(seqs.end)
 
         root_probs = self._probs(logits[rows, count - 1][:, None], seqs, 0)  # (B, 1, V)
         tokens = [seqs.last[:, None]]
@@ -83,7 +97,7 @@ class DraftModel(Drafter):
         logp = [torch.zeros(batch, 1, device=dev)]
         frontier = torch.zeros(batch, 1, dtype=torch.long, device=dev)  # nodes to expand, by index
         frontier_probs = root_probs
-        fed = []  # per level, the node indices fed to the draft, in cache order after `committed`
+        fed = []  # per level, the node indices fed to the draft, in cache order after the held length
         root_pos = (seqs.end - 1 - seqs.start)[:, None]
         n_nodes = 1
         for level in range(1, self.num_draft_tokens + 1):
@@ -108,15 +122,16 @@ class DraftModel(Drafter):
             fed_depth = torch.cat([torch.full_like(ids, d) for d, ids in enumerate(fed, start=1)], 1)
             visible = tree.ancestors[rows[:, None], frontier].gather(
                 2, fed_ids[:, None, :].expand(-1, frontier.shape[1], -1))
-            # Every frontier node sits at depth `level`: one position per row, no per-node gather.
+            # Every frontier node sits at depth `level`: one position per row, no per-node gather. The nodes
+            # fed before stay in the cache, below the length it is held at for this level.
+            self.cache.hold(held + fed_ids.shape[1] - frontier.shape[1])
             logits = forward_nodes(
                 self.model, self.cache, tree.tokens.gather(1, frontier), (root_pos + level).expand_as(frontier),
                 Prefix(seqs.start, seqs.end), visible, root_pos + fed_depth,
             )
-            self.forwards += 1
             frontier_probs = self._probs(logits, seqs, level)
 
-        self.cache.crop(committed)
+        self.cache.hold(held)
         return Tree.drafted(torch.cat(tokens, 1), torch.cat(parents, 1), seqs.finished,
                             torch.cat(probs, 1) if self.sampling.do_sample else None,
                             max_depth=self.num_draft_tokens, max_children=w)
