@@ -125,7 +125,7 @@ def graph_key(shape, seqs: Sequences, cache) -> tuple:
 
 
 # Counters a step adds up on the device, so that keeping statistics reads nothing back per step.
-COUNTERS = ("row_steps", "drafted_tokens", "accepted_tokens", "new_tokens")
+COUNTERS = ("steps", "row_steps", "drafted_tokens", "accepted_tokens", "new_tokens")
 
 
 def verify_step(model, cache, seqs: Sequences, tree: Tree, sampling: Sampling, counters: torch.Tensor,
@@ -155,6 +155,7 @@ def verify_step(model, cache, seqs: Sequences, tree: Tree, sampling: Sampling, c
     seqs.append(acc.tokens, count)
     seqs.finished |= (seqs.end >= seqs.limit) | (torch.isin(seqs.last, eos) & (count > 0))
     counters += torch.stack([
+        active.any().long(),
         active.sum(),
         (tree.valid[:, 1:] & active[:, None]).sum(),
         torch.where(active, acc.length - 1, 0).sum(),
@@ -266,7 +267,14 @@ def generate(
         if streamer is not None:
             streamer.put(input_ids.cpu())
             streamer.put(first.cpu())
-        while not bool(seqs.finished.all()):  # reads the device, so t0 needs no synchronisation of its own
+        # On the fast path the host reads "all finished" one step late, so it queues step k + 1 while the GPU
+        # runs step k instead of idling until it ends. ``finished`` only grows: at most one step runs past the
+        # end, with every row masked out (it changes nothing, and the device's counters skip it).
+        lag = cache.held is not None and streamer is None and dev.type == "cuda"
+        all_finished = torch.zeros((), dtype=torch.bool, pin_memory=dev.type == "cuda")
+        copied = []  # an event after each step's copy of "all finished" to the host, oldest first
+        done = bool(seqs.finished.all())
+        while not done:
             t0 = time.perf_counter()
             tree = None if fixed_nodes is not None else propose()
             t1 = t0 if tree is None else _sync(dev)
@@ -274,21 +282,31 @@ def generate(
             tokens, count = graphs.run(step, graph_key(shape, seqs, cache), tree)
             if graphs.failed and not fast_path and cache.held is not None:
                 cache.hold(None)
-            t2 = _sync(dev)
-            stats.steps += 1
-            stats.target_forwards += 1
-            stats.draft_seconds += t1 - t0
-            stats.verify_seconds += t2 - t1
+                lag = False
+            all_finished.copy_(seqs.finished.all(), non_blocking=True)
+            copied.append(torch.cuda.Event() if dev.type == "cuda" else None)
+            if copied[-1] is not None:
+                copied[-1].record()
             if streamer is not None:
                 streamer.put(tokens[0, : int(count[0])].cpu())
+            if not lag or len(copied) == 2:
+                wait = copied[0] if lag else copied[-1]
+                if wait is not None:
+                    wait.synchronize()
+                del copied[: 1 if lag else len(copied)]
+                done = bool(all_finished)
+            stats.draft_seconds += t1 - t0
+            stats.verify_seconds += time.perf_counter() - t1
         if streamer is not None:
             streamer.end()
     finally:
         if drafter is not None:
-            stats.draft_forwards = drafter.forwards + drafter.forwards_per_step * stats.steps
             drafter.end()
     for name, value in zip(COUNTERS, counters.tolist()):
         setattr(stats, name, value)
+    stats.target_forwards += stats.steps
+    if drafter is not None:
+        stats.draft_forwards = drafter.forwards + drafter.forwards_per_step * stats.steps
 
     out_width = int(seqs.end.max())
     sequences = seqs.tokens[:, :out_width].clone()

@@ -126,7 +126,10 @@ def test_steps_replay_captured_graphs(monkeypatch, kind, path):
                                eos_token_id=None, return_dict_in_generate=True, **PATHS[path])
     assert torch.equal(out.sequences, expected)
     assert out.stats.steps >= 5
-    assert len(replays) == out.stats.steps - 1  # the first step of the shape runs eagerly, as warm-up
+    # The first step of the shape runs eagerly, as warm-up. The host reads "all finished" one step late, so one
+    # more step may run past the end: every row masked out, and not counted.
+    assert out.stats.steps - 1 <= len(replays) <= out.stats.steps
+    assert out.stats.target_forwards == 1 + out.stats.steps  # the prompt's pass, then one per counted step
 
 
 def test_uncapturable_model_falls_back_and_says_so_once(monkeypatch):
