@@ -124,6 +124,32 @@ def graph_key(shape, seqs: Sequences, cache) -> tuple:
     return shape, seqs.tokens.shape[1], cache.capacity
 
 
+class _AllFinished:
+    """Whether every row has finished, copied to the host after each step without waiting for it."""
+
+    def __init__(self, seqs: Sequences):
+        self.seqs = seqs
+        self.cuda = seqs.end.device.type == "cuda"
+        self.host = torch.zeros((), dtype=torch.bool, pin_memory=self.cuda)
+        self.copied: list = []  # CUDA events after the copies not read yet, oldest first
+
+    def copy(self) -> None:
+        self.host.copy_(self.seqs.finished.all(), non_blocking=True)
+        if self.cuda:
+            self.copied.append(torch.cuda.Event())
+            self.copied[-1].record()
+
+    def read(self, late: bool) -> bool:
+        """The newest copy, or with ``late`` the one before it (False before there is one), waiting for that
+        copy alone. A newer value may already have arrived; it is as good, since ``finished`` only grows."""
+        if self.cuda:
+            if late and len(self.copied) < 2:
+                return False
+            self.copied[-2 if late else -1].synchronize()
+            del self.copied[:-1]
+        return bool(self.host)
+
+
 # Counters a step adds up on the device, so that keeping statistics reads nothing back per step.
 COUNTERS = ("steps", "row_steps", "drafted_tokens", "accepted_tokens", "new_tokens")
 
@@ -268,11 +294,10 @@ def generate(
             streamer.put(input_ids.cpu())
             streamer.put(first.cpu())
         # On the fast path the host reads "all finished" one step late, so it queues step k + 1 while the GPU
-        # runs step k instead of idling until it ends. ``finished`` only grows: at most one step runs past the
-        # end, with every row masked out (it changes nothing, and the device's counters skip it).
-        lag = cache.held is not None and streamer is None and dev.type == "cuda"
-        all_finished = torch.zeros((), dtype=torch.bool, pin_memory=dev.type == "cuda")
-        copied = []  # an event after each step's copy of "all finished" to the host, oldest first
+        # runs step k instead of idling until it ends: at most one step runs past the end, every row masked out
+        # (it changes nothing, and the device's counters skip it).
+        late = cache.held is not None and streamer is None and dev.type == "cuda"
+        all_finished = _AllFinished(seqs)
         done = bool(seqs.finished.all())
         while not done:
             t0 = time.perf_counter()
@@ -282,19 +307,11 @@ def generate(
             tokens, count = graphs.run(step, graph_key(shape, seqs, cache), tree)
             if graphs.failed and not fast_path and cache.held is not None:
                 cache.hold(None)
-                lag = False
-            all_finished.copy_(seqs.finished.all(), non_blocking=True)
-            copied.append(torch.cuda.Event() if dev.type == "cuda" else None)
-            if copied[-1] is not None:
-                copied[-1].record()
+                late = False
+            all_finished.copy()
             if streamer is not None:
                 streamer.put(tokens[0, : int(count[0])].cpu())
-            if not lag or len(copied) == 2:
-                wait = copied[0] if lag else copied[-1]
-                if wait is not None:
-                    wait.synchronize()
-                del copied[: 1 if lag else len(copied)]
-                done = bool(all_finished)
+            done = all_finished.read(late)
             stats.draft_seconds += t1 - t0
             stats.verify_seconds += time.perf_counter() - t1
         if streamer is not None:
