@@ -33,6 +33,7 @@ import time
 import torch
 from transformers import DynamicCache, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+from specdec.attention import head_dim
 from specdec.cache import TreeCache
 from specdec.forward import Prefix, forward_nodes, prefill
 from specdec.generate import COUNTERS, graph_key, verify_step
@@ -127,14 +128,10 @@ def run_row(model, p: int, t: int, steps: int, warmup: int, copy_bps: float, pro
     positions = p + tree.depth
     sampling = Sampling.from_config(GenerationConfig(do_sample=False))
     counters = torch.zeros(len(COUNTERS), dtype=torch.long, device=device)
-    graphs = StepGraphs(enabled=device.type == "cuda")
-    compiled_graphs = StepGraphs(enabled=device.type == "cuda")
-    fused = torch.compile(model)
 
-    def rewind():
+    def rewind():  # the held cache needs none: its length never moves
         seqs.end.fill_(p + 1)
         seqs.finished.zero_()
-        cache.crop(p)
 
     def forward():
         forward_nodes(model, cache, tree.tokens, positions, Prefix(start, seqs.end - 1), tree.ancestors, positions)
@@ -143,20 +140,21 @@ def run_row(model, p: int, t: int, steps: int, warmup: int, copy_bps: float, pro
     def step():
         verify_step(model, cache, seqs, tree, sampling, counters, False)
         rewind()
+        cache.crop(p)
 
-    def held_step(tree, target=model):
-        return verify_step(target, held_cache, seqs, tree, sampling, counters, False)
+    def replayed(target):
+        """The fast path's step with ``target``: replayed from a CUDA graph on a GPU."""
+        graphs = StepGraphs(enabled=device.type == "cuda")
 
-    def compiled_step(tree):
-        return held_step(tree, fused)
+        def held_step(tree):
+            return verify_step(target, held_cache, seqs, tree, sampling, counters, False)
 
-    def graph_step():
-        graphs.run(held_step, graph_key(tree.shape, seqs, held_cache), tree)
-        rewind()
+        def run():
+            graphs.run(held_step, graph_key(tree.shape, seqs, held_cache), tree)
+            rewind()
+        return run
 
-    def compiled_graph_step():
-        compiled_graphs.run(compiled_step, graph_key(tree.shape, seqs, held_cache), tree)
-        rewind()
+    graph_step, compiled_graph_step = replayed(model), replayed(torch.compile(model))
 
     dynamic = DynamicCache(config=model.config)
     model(prompt[:, :p], past_key_values=dynamic, use_cache=True)
@@ -166,9 +164,8 @@ def run_row(model, p: int, t: int, steps: int, warmup: int, copy_bps: float, pro
         dynamic.crop(-1)
 
     cfg = model.config
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
     weight_bytes = sum(x.numel() * x.element_size() for x in model.parameters())
-    kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * p * model.dtype.itemsize
+    kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim(cfg) * p * model.dtype.itemsize
     row = {"P": p, "T": t,
            "step_ms": _median_ms(step, steps, warmup, device),
            "graph_ms": _median_ms(graph_step, steps, warmup, device),

@@ -143,8 +143,6 @@ class Eagle(Drafter):
     def propose(self, seqs: Sequences) -> Tree:
         batch, dev, k = seqs.end.shape[0], seqs.end.device, self.top_k
         rows = torch.arange(batch, device=dev)[:, None]
-        held = seqs.limit
-        self.cache.hold(held)  # as ``begin`` left it, even after a capture that failed mid-step
 
         # Catch up on the pairs whose features the last verification produced; the last one is the root's.
         # At most a whole path of the last tree and its bonus token (2 after the prompt), none once a row
@@ -179,11 +177,11 @@ class Eagle(Drafter):
             seen = torch.cat([torch.nn.functional.pad(seen, (0, width)), new_rows], 1)
             fed_pos.append((root_pos + level).expand(-1, width))
             tokens = torch.cat([seqs.last[:, None]] + pool_tokens, 1)
-            self.cache.hold(held + fed)  # the nodes fed before stay in the cache, below the held length
-            logits, feats = self._run(
-                forward_nodes, self.head.inputs(parent_feats, tokens.gather(1, frontier)), fed_pos[-1],
-                Prefix(seqs.start, seqs.end - 1), new_rows, torch.cat(fed_pos, 1),
-            )
+            with self.cache.held_past(fed):
+                logits, feats = self._run(
+                    forward_nodes, self.head.inputs(parent_feats, tokens.gather(1, frontier)), fed_pos[-1],
+                    Prefix(seqs.start, seqs.end - 1), new_rows, torch.cat(fed_pos, 1),
+                )
             kids, kid_logp, q = self._children(logits, seqs, level)  # (B, F, k)
             scores = torch.cat([torch.zeros_like(pool_scores[0][:, :1])] + pool_scores, 1)
             kid_scores = (scores.gather(1, frontier)[..., None] + kid_logp - 1e-6).flatten(1)
@@ -197,7 +195,6 @@ class Eagle(Drafter):
             parent_slot = fed + best // k
             parent_feats = feats.gather(1, (best // k)[..., None].expand(-1, -1, feats.shape[-1]))
             size += kid_scores.shape[1]
-        self.cache.hold(held)
 
         tokens = torch.cat(pool_tokens, 1)
         scores = torch.cat(pool_scores, 1)

@@ -70,6 +70,7 @@ def cartesian_paths(top_k) -> list[tuple[int, ...]]:
 
 class Medusa(Drafter):
     wants_features = True
+    forwards_per_step = 1  # one pass of the heads
 
     def __init__(self, heads: MedusaHeads, top_k=None, tree=None):
         if top_k is not None and tree is not None:
@@ -94,9 +95,6 @@ class Medusa(Drafter):
         self.max_depth = max(len(p) for p in tree)
         self.max_children = max(collections.Counter(p[:-1] for p in tree).values())
         self.fixed_nodes = len(tree) + 1
-
-    # One pass of the heads per step, counted by the loop: a replayed graph runs no Python.
-    forwards_per_step = 1
 
     def check(self, target) -> None:
         check_fingerprint(self.heads.target_fingerprint, target, "These Medusa heads")

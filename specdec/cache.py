@@ -10,8 +10,8 @@ re-prefilled. Buffers are preallocated and grow by doubling, instead of the ``to
 A step captured in a CUDA graph needs fixed shapes: ``hold(C)`` keeps the cache's length at C, so every tree
 is written to the same columns [C, C + N) and compacted from there (see :mod:`specdec.graphs`), and a step
 changes no Python-side state: a pass that is recorded but not run (a failed capture) leaves nothing stale.
-A drafter that feeds a tree level by level holds its own cache past the levels already fed, so they stay
-visible as the next level's region, and holds it back at C when the tree is done.
+A drafter that feeds a tree level by level holds its own cache past the levels already fed (``held_past``),
+so they stay visible as the next level's region.
 Buffers are zero-filled, since columns below C that no row has reached yet are then read (and masked) too,
 and masking does not cancel a NaN that uninitialised memory may hold.
 
@@ -20,6 +20,8 @@ exact, at the cost of memory proportional to the sequence rather than to the win
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
@@ -139,6 +141,18 @@ class TreeCache(Cache):
         self.held = length
         for layer in self.layers:
             layer.hold(length)
+
+    @contextlib.contextmanager
+    def held_past(self, fed: int):
+        """Inside the block the held cache writes ``fed`` columns further on, so that nodes fed at earlier
+        levels of a drafted tree stay visible to the next; after it (also when it raises, as a failed capture
+        does) the held length is back."""
+        held = self.held
+        self.hold(held + fed)
+        try:
+            yield
+        finally:
+            self.hold(held)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """The held length, before any layer exists too (a drafter's cache with no prompt to prefill)."""

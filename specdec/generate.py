@@ -140,8 +140,9 @@ class _AllFinished:
             self.copied[-1].record()
 
     def read(self, late: bool) -> bool:
-        """The newest copy, or with ``late`` the one before it (False before there is one), waiting for that
-        copy alone. A newer value may already have arrived; it is as good, since ``finished`` only grows."""
+        """The newest copy, or on a GPU with ``late`` the one before it (False before there is one), waiting
+        for that copy alone. A newer value may already have arrived; it is as good, since ``finished`` only
+        grows."""
         if self.cuda:
             if late and len(self.copied) < 2:
                 return False
@@ -259,7 +260,12 @@ def generate(
     dev = input_ids.device
     counters = torch.zeros(len(COUNTERS), dtype=torch.long, device=dev)
     eos = sampling.eos(dev)
-    graphs = StepGraphs(enabled=fast_path is not False and dev.type == "cuda")
+
+    def fall_back() -> None:  # the dynamic path, uncompiled, unless the caller asked for fixed shapes
+        if not fast_path:
+            cache.hold(None)
+
+    graphs = StepGraphs(enabled=fast_path is not False and dev.type == "cuda", on_failure=fall_back)
     # Drafting joins the captured step when the drafter's trees have a fixed size and its work is on the device.
     fixed_nodes = 1 if drafter is None else drafter.fixed_nodes
 
@@ -293,10 +299,6 @@ def generate(
         if streamer is not None:
             streamer.put(input_ids.cpu())
             streamer.put(first.cpu())
-        # On the fast path the host reads "all finished" one step late, so it queues step k + 1 while the GPU
-        # runs step k instead of idling until it ends: at most one step runs past the end, every row masked out
-        # (it changes nothing, and the device's counters skip it).
-        late = cache.held is not None and streamer is None and dev.type == "cuda"
         all_finished = _AllFinished(seqs)
         done = bool(seqs.finished.all())
         while not done:
@@ -305,13 +307,13 @@ def generate(
             t1 = t0 if tree is None else _sync(dev)
             shape = ("drafted", fixed_nodes) if tree is None else tree.shape
             tokens, count = graphs.run(step, graph_key(shape, seqs, cache), tree)
-            if graphs.failed and not fast_path and cache.held is not None:
-                cache.hold(None)
-                late = False
             all_finished.copy()
             if streamer is not None:
                 streamer.put(tokens[0, : int(count[0])].cpu())
-            done = all_finished.read(late)
+            # A step that reads nothing (the cache held) lets the host read "all finished" one step late, so it
+            # queues step k + 1 while the GPU runs step k instead of idling until it ends: at most one step
+            # runs past the end, every row masked out (it changes nothing, and the device's counters skip it).
+            done = all_finished.read(late=cache.held is not None and streamer is None)
             stats.draft_seconds += t1 - t0
             stats.verify_seconds += time.perf_counter() - t1
         if streamer is not None:

@@ -10,7 +10,8 @@ cuBLAS and the caching allocator, and is a real step), the second is captured an
 every later one; only the tree is copied into the graph's input buffers. A graph records buffer
 addresses, so the caller's key holds what moves them (``generate.graph_key``: the buffers' sizes, which
 only grow). A step that cannot be captured (a model whose forward reads the device, say) is run eagerly
-instead, graphs are off for the rest of the call, and a warning says why, once.
+instead, after the caller's ``on_failure`` (the loop lets go of the fixed shapes there); graphs are off for
+the rest of the call, and a warning says why, once.
 """
 
 from __future__ import annotations
@@ -54,9 +55,9 @@ class StepGraphs:
     the graph's input buffers; with ``tree=None`` the step drafts its own tree (a drafter whose ``propose``
     is device work alone), and drafting is captured with verification."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, on_failure: Callable[[], None] = lambda: None):
         self.enabled = enabled
-        self.failed = False
+        self.on_failure = on_failure
         self._graphs: dict = {}
         self._warm: set = set()
 
@@ -71,9 +72,10 @@ class StepGraphs:
                 self._graphs[key] = self._capture(step, tree)
             except Exception as error:  # noqa: BLE001 - any capture failure means: run without graphs
                 _end_generator_capture()
-                self.enabled, self.failed = False, True
+                self.enabled = False
                 say_once(f"specdec: this model's decoding step cannot be captured as a CUDA graph "
                          f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); using the dynamic path.")
+                self.on_failure()
                 return step(tree)
         graph, inputs, outputs = self._graphs[key]
         if inputs is not None:

@@ -78,8 +78,6 @@ class DraftModel(Drafter):
     def propose(self, seqs: Sequences) -> Tree:
         batch, dev, w = seqs.end.shape[0], seqs.end.device, self.tree_width
         rows = torch.arange(batch, device=dev)
-        held = seqs.limit
-        self.cache.hold(held)  # as ``begin`` left it, even after a capture that failed mid-step
 
         # Catch up on the tokens accepted since the last step (the root included): a whole path of the last
         # tree and its bonus token at most (2 tokens after the prompt), none once a row has finished.
@@ -122,16 +120,14 @@ class DraftModel(Drafter):
             fed_depth = torch.cat([torch.full_like(ids, d) for d, ids in enumerate(fed, start=1)], 1)
             visible = tree.ancestors[rows[:, None], frontier].gather(
                 2, fed_ids[:, None, :].expand(-1, frontier.shape[1], -1))
-            # Every frontier node sits at depth `level`: one position per row, no per-node gather. The nodes
-            # fed before stay in the cache, below the length it is held at for this level.
-            self.cache.hold(held + fed_ids.shape[1] - frontier.shape[1])
-            logits = forward_nodes(
-                self.model, self.cache, tree.tokens.gather(1, frontier), (root_pos + level).expand_as(frontier),
-                Prefix(seqs.start, seqs.end), visible, root_pos + fed_depth,
-            )
+            # Every frontier node sits at depth `level`: one position per row, no per-node gather.
+            with self.cache.held_past(fed_ids.shape[1] - frontier.shape[1]):
+                logits = forward_nodes(
+                    self.model, self.cache, tree.tokens.gather(1, frontier), (root_pos + level).expand_as(frontier),
+                    Prefix(seqs.start, seqs.end), visible, root_pos + fed_depth,
+                )
             frontier_probs = self._probs(logits, seqs, level)
 
-        self.cache.hold(held)
         return Tree.drafted(torch.cat(tokens, 1), torch.cat(parents, 1), seqs.finished,
                             torch.cat(probs, 1) if self.sampling.do_sample else None,
                             max_depth=self.num_draft_tokens, max_children=w)
