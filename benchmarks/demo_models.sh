@@ -2,7 +2,7 @@
 # The demo models and the benchmark table of docs/benchmarks.md, in one lease of a GPU machine:
 #   1. the embedded default (`pretrain --config embedded`, heads included), packed for the package;
 #   2. the GPU pair (`pretrain --config gpu`, heads included), trained at the same time;
-#   3. `specdec bench` on the GPU pair, bf16 greedy and sampled, then fp32 greedy.
+#   3. `specdec bench` on the GPU pair: bf16 greedy and sampled; bf16 greedy with the target compiled; fp32 greedy.
 # It outlasts one 10-minute device call, so start it detached and collect with `collect`:
 #   setsid nohup bash benchmarks/demo_models.sh run >/dev/null 2>&1 &
 #   bash benchmarks/demo_models.sh collect     # copies logs and finished results to $OUT
@@ -15,6 +15,15 @@ W=${WORK:-/root/specdec-work}
 OUT=${OUT:-/tmp/out}
 export PYTHONUNBUFFERED=1
 
+COMPILED=("specdec: draft model, compiled" "specdec: prompt lookup, compiled" "specdec: medusa, compiled"
+          "specdec: eagle, compiled")
+
+bench() {  # one table per file, so a lease that ends early still leaves the tables finished before it
+  local name=$1; shift
+  python3 -m specdec bench --models "$W/gpu" "$@" ${BENCH_ARGS:---prompts 8 --max-new-tokens 256} \
+      --out "$W/$name.json" >>"$W/bench.log" 2>&1
+}
+
 run() {
   # A copy of the checkout: later calls re-sync the working tree, and this run must not see edits made meanwhile.
   mkdir -p "$W" && rm -rf "$W/src" && cp -a . "$W/src" && cd "$W/src" || exit 1
@@ -23,17 +32,16 @@ run() {
       && tar -C "$W/embedded" --exclude corpus.json -czf "$W/embedded.tgz" . ) &
   python3 -m specdec.pretrain --config "${GPU_CONFIG:-gpu}" --out "$W/gpu" ${GPU_ARGS:---compile} >"$W/gpu.log" 2>&1
   wait
-  python3 -m specdec bench --models "$W/gpu" --dtype bfloat16 --prompts 8 --max-new-tokens 256 ${BENCH_ARGS:-} \
-      --out "$W/bench-bf16.json" >"$W/bench.log" 2>&1
-  python3 -m specdec bench --models "$W/gpu" --dtype float32 --modes greedy --prompts 8 --max-new-tokens 256 \
-      ${BENCH_ARGS:-} --out "$W/bench-fp32.json" >>"$W/bench.log" 2>&1
+  bench bench-bf16 --dtype bfloat16
+  bench bench-bf16-compiled --dtype bfloat16 --modes greedy --compiled --only "${COMPILED[@]}"
+  bench bench-fp32 --dtype float32 --modes greedy
   touch "$W/done"
 }
 
 collect() {
   mkdir -p "$OUT"
   for f in embedded.log gpu.log bench.log; do [ -f "$W/$f" ] && tr '\r' '\n' <"$W/$f" | grep -v '^ *$' | tail -c 200000 >"$OUT/$f"; done
-  for f in embedded.tgz bench-bf16.json bench-fp32.json; do [ -f "$W/$f" ] && cp "$W/$f" "$OUT/"; done
+  for f in embedded.tgz bench-bf16.json bench-bf16-compiled.json bench-fp32.json; do [ -f "$W/$f" ] && cp "$W/$f" "$OUT/"; done
   [ -f "$W/gpu/recipe.json" ] && cp "$W/gpu/recipe.json" "$OUT/recipe-gpu.json"
   [ -f "$W/done" ] && echo DONE
   for f in embedded.log gpu.log bench.log; do [ -f "$OUT/$f" ] && { echo "== $f"; tail -n 4 "$OUT/$f"; }; done

@@ -9,7 +9,7 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)" | tee -a "$OUT/device.txt"
 case "${1:-tests}" in
-  tests) python3 -m pytest -q -p no:cacheprovider tests/test_tree_attention.py tests/test_cuda.py 2>&1 | tee "$OUT/tests.log" ;;
+  tests) python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_tree_attention.py tests/test_cuda.py 2>&1 | tee "$OUT/tests.log" ;;
   bench) shift; python3 benchmarks/tree_attention.py --out "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log" ;;
   *) shift; "$@" 2>&1 | tee "$OUT/cmd.log" ;;
 esac

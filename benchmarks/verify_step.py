@@ -11,16 +11,24 @@ random (cost only), bf16.
 - ``graph ms``: the same for the fast path: ``generate.verify_step`` with the cache held at a fixed length,
   replayed from a CUDA graph (``specdec.graphs``), the tree copied in and the sequence rewound per step;
 - ``compiled ms``: the same with the target's forward fused by ``torch.compile`` (``generate(compile=True)``);
-  ``compiled GPU ms``: its span on the GPU alone (CUDA events around the step);
+  ``compiled GPU ms``: its span on the GPU alone (CUDA events around the step; the GPU still waits for the
+  host to queue the tree's copy into the graph, so a slow host shows here too);
+  ``compiled pipelined ms``: ``--steps`` compiled steps queued back to back, then one synchronisation, per
+  step: what a step costs inside ``generate``, whose loop queues step k + 1 while the GPU runs step k;
 - ``forward ms``: the model pass alone, same timing;
 - ``plain decode ms``: one token through the model with transformers' own ``DynamicCache`` of P tokens,
   which is what each step of plain ``model.generate`` costs;
 - ``floor ms``: (weight bytes + K/V bytes of P tokens) / the fastest device-to-device copy (read + write
-  bytes per second) measured in the same run; ``x floor`` = compiled / floor.
+  bytes per second) measured in the same run; ``x floor`` = compiled / floor, ``x floor pipelined`` =
+  compiled pipelined / floor.
 
-    python benchmarks/verify_step.py --out verify.json [--T 1 16 64] [--P 512 4096] [--tiny]
+    python benchmarks/verify_step.py --out verify.json [--T 1 16 64] [--P 512 4096] [--tiny] [--profile]
+    python benchmarks/verify_step.py --P 4096 --T 16 --split 512:8 256:4 --out split.json
 
-``--tiny`` builds a 2-layer model for a CPU smoke test.
+``--tiny`` builds a 2-layer model for a CPU smoke test. ``--split`` times the compiled step (and profiles
+its kernels) under each prefix split of the tree-attention kernel instead, in alternating order, twice.
+``--compile-mode`` passes a ``torch.compile`` mode (``max-autotune-no-cudagraphs``: Inductor's own GEMMs
+against cuBLAS's).
 """
 
 from __future__ import annotations
@@ -40,12 +48,14 @@ from specdec.generate import COUNTERS, graph_key, verify_step
 from specdec.graphs import StepGraphs
 from specdec.sampling import Sampling
 from specdec.sequences import Sequences
+from specdec.kernels import tree_attention as tree_kernel
 from specdec.tree import Tree
 
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256, max_position_embeddings=8192)
+DEFAULT_SPLIT = (tree_kernel.MIN_CHUNK, tree_kernel.CHUNK_PER_ROW)
 
 
 def _sync(device) -> float:
@@ -81,6 +91,16 @@ def _median_gpu_ms(fn, steps: int, device) -> float:
     return statistics.median(times)
 
 
+def _pipelined_ms(fn, steps: int, warmup: int, device) -> float:
+    """Wall time per call of ``steps`` calls queued with no synchronisation between them."""
+    for _ in range(warmup):
+        fn()
+    start = _sync(device)
+    for _ in range(steps):
+        fn()
+    return 1e3 * (_sync(device) - start) / steps
+
+
 def copy_bandwidth(device) -> float:
     """Bytes moved (read + write) per second by the fastest of a few device-to-device copies."""
     if device.type != "cuda":
@@ -113,73 +133,118 @@ def tree_of(t: int, vocab: int, root: torch.Tensor) -> Tree:
     return Tree(tokens=tokens, parents=parents[None], valid=torch.ones(1, t, dtype=torch.bool, device=root.device))
 
 
-@torch.no_grad()
-def run_row(model, p: int, t: int, steps: int, warmup: int, copy_bps: float, profile: bool = False) -> dict:
-    device, vocab = model.device, model.config.vocab_size
-    prompt = torch.randint(vocab, (1, p + 1), device=device)
-    start = torch.zeros(1, dtype=torch.long, device=device)
-    # A sequence of P + 1 tokens, the last the tree's root; one cache for each path, P tokens each.
-    seqs = Sequences.from_prompt(prompt, torch.ones_like(prompt), max_new_tokens=64)
-    cache, held_cache = TreeCache(seqs.tokens.shape[1]), TreeCache(seqs.tokens.shape[1])
-    prefill(model, cache, prompt[:, :p], start)
-    prefill(model, held_cache, prompt[:, :p], start)
-    held_cache.hold(seqs.limit)
-    tree = tree_of(t, vocab, prompt[:, p])
-    positions = p + tree.depth
-    sampling = Sampling.from_config(GenerationConfig(do_sample=False))
-    counters = torch.zeros(len(COUNTERS), dtype=torch.long, device=device)
+class StepBench:
+    """One (P, T) setting: an 8B step's state and the ways of running it, each a callable that leaves the
+    state as it found it."""
 
-    def rewind():  # the held cache needs none: its length never moves
-        seqs.end.fill_(p + 1)
-        seqs.finished.zero_()
+    def __init__(self, model, p: int, t: int, compile_mode: str | None = None):
+        device, vocab = model.device, model.config.vocab_size
+        self.model, self.p, self.t, self.compile_mode = model, p, t, compile_mode
+        prompt = torch.randint(vocab, (1, p + 1), device=device)
+        self.start = torch.zeros(1, dtype=torch.long, device=device)
+        # A sequence of P + 1 tokens, the last the tree's root; one cache for each path, P tokens each.
+        self.seqs = Sequences.from_prompt(prompt, torch.ones_like(prompt), max_new_tokens=64)
+        self.cache, self.held_cache = TreeCache(self.seqs.tokens.shape[1]), TreeCache(self.seqs.tokens.shape[1])
+        prefill(model, self.cache, prompt[:, :p], self.start)
+        prefill(model, self.held_cache, prompt[:, :p], self.start)
+        self.held_cache.hold(self.seqs.limit)
+        self.tree = tree_of(t, vocab, prompt[:, p])
+        self.positions = p + self.tree.depth
+        self.sampling = Sampling.from_config(GenerationConfig(do_sample=False))
+        self.counters = torch.zeros(len(COUNTERS), dtype=torch.long, device=device)
+        self.dynamic = DynamicCache(config=model.config)
+        model(prompt[:, :p], past_key_values=self.dynamic, use_cache=True)
+        self.prompt = prompt
+        self._compiled_model = None
 
-    def forward():
-        forward_nodes(model, cache, tree.tokens, positions, Prefix(start, seqs.end - 1), tree.ancestors, positions)
-        cache.crop(p)
+    def rewind(self):  # the held cache needs none: its length never moves
+        self.seqs.end.fill_(self.p + 1)
+        self.seqs.finished.zero_()
 
-    def step():
-        verify_step(model, cache, seqs, tree, sampling, counters, False)
-        rewind()
-        cache.crop(p)
+    def forward(self):
+        forward_nodes(self.model, self.cache, self.tree.tokens, self.positions, Prefix(self.start, self.seqs.end - 1),
+                      self.tree.ancestors, self.positions)
+        self.cache.crop(self.p)
 
-    def replayed(target):
-        """The fast path's step with ``target``: replayed from a CUDA graph on a GPU."""
-        graphs = StepGraphs(enabled=device.type == "cuda")
+    def step(self):
+        verify_step(self.model, self.cache, self.seqs, self.tree, self.sampling, self.counters, False)
+        self.rewind()
+        self.cache.crop(self.p)
+
+    def replayed(self, compiled: bool):
+        """The fast path's step (``compiled``: as ``generate(compile=True)`` runs it), replayed from a CUDA
+        graph on a GPU. Each call captures anew, so it takes up kernel settings changed since the last."""
+        if compiled and self._compiled_model is None:
+            self._compiled_model = torch.compile(self.model, mode=self.compile_mode)
+        target = self._compiled_model if compiled else self.model
+        graphs = StepGraphs(enabled=self.model.device.type == "cuda")
 
         def held_step(tree):
-            return verify_step(target, held_cache, seqs, tree, sampling, counters, False)
+            return verify_step(target, self.held_cache, self.seqs, tree, self.sampling, self.counters, False,
+                               compiled=compiled)
 
         def run():
-            graphs.run(held_step, graph_key(tree.shape, seqs, held_cache), tree)
-            rewind()
+            graphs.run(held_step, graph_key(self.tree.shape, self.seqs, self.held_cache), self.tree)
+            self.rewind()
         return run
 
-    graph_step, compiled_graph_step = replayed(model), replayed(torch.compile(model))
+    def plain_decode(self):
+        self.model(self.prompt[:, self.p:], past_key_values=self.dynamic, use_cache=True)
+        self.dynamic.crop(-1)
 
-    dynamic = DynamicCache(config=model.config)
-    model(prompt[:, :p], past_key_values=dynamic, use_cache=True)
 
-    def plain_decode():
-        model(prompt[:, p:], past_key_values=dynamic, use_cache=True)
-        dynamic.crop(-1)
-
+def floor_ms(model, p: int, copy_bps: float) -> dict:
     cfg = model.config
     weight_bytes = sum(x.numel() * x.element_size() for x in model.parameters())
     kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim(cfg) * p * model.dtype.itemsize
+    return {"weight_bytes": weight_bytes, "kv_bytes": kv_bytes, "floor_ms": 1e3 * (weight_bytes + kv_bytes) / copy_bps}
+
+
+@torch.no_grad()
+def run_row(model, p: int, t: int, steps: int, warmup: int, copy_bps: float, profile: bool = False,
+            compile_mode: str | None = None) -> dict:
+    bench, device = StepBench(model, p, t, compile_mode), model.device
+    graph_step, compiled_graph_step = bench.replayed(False), bench.replayed(True)
     row = {"P": p, "T": t,
-           "step_ms": _median_ms(step, steps, warmup, device),
+           "step_ms": _median_ms(bench.step, steps, warmup, device),
            "graph_ms": _median_ms(graph_step, steps, warmup, device),
            "compiled_ms": _median_ms(compiled_graph_step, steps, warmup, device),
            "compiled_gpu_ms": _median_gpu_ms(compiled_graph_step, steps, device),
-           "forward_ms": _median_ms(forward, steps, warmup, device),
-           "plain_decode_ms": _median_ms(plain_decode, steps, warmup, device),
-           "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
-           "floor_ms": 1e3 * (weight_bytes + kv_bytes) / copy_bps}
+           "compiled_pipelined_ms": _pipelined_ms(compiled_graph_step, steps, warmup, device),
+           "forward_ms": _median_ms(bench.forward, steps, warmup, device),
+           "plain_decode_ms": _median_ms(bench.plain_decode, steps, warmup, device),
+           **floor_ms(model, p, copy_bps)}
     row["x_floor"] = row["compiled_ms"] / row["floor_ms"]
+    row["x_floor_pipelined"] = row["compiled_pipelined_ms"] / row["floor_ms"]
     if profile and device.type == "cuda":
         row["kernels_ms"] = kernel_times(graph_step)
         row["compiled_kernels_ms"] = kernel_times(compiled_graph_step)
     return row
+
+
+@torch.no_grad()
+def split_sweep(model, p: int, t: int, settings: list[tuple[int, int]], steps: int, warmup: int, copy_bps: float,
+                compile_mode: str | None = None, repeats: int = 2) -> list[dict]:
+    """The compiled step under each (MIN_CHUNK, CHUNK_PER_ROW) of the tree-attention kernel's prefix split,
+    in alternating order over ``repeats`` rounds (neighbouring runs share the GPU's state)."""
+    bench, device = StepBench(model, p, t, compile_mode), model.device
+    rows = []
+    for repeat in range(repeats):
+        for min_chunk, per_row in settings if repeat % 2 == 0 else settings[::-1]:
+            tree_kernel.MIN_CHUNK, tree_kernel.CHUNK_PER_ROW = min_chunk, per_row
+            run = bench.replayed(True)
+            row = {"P": p, "T": t, "MIN_CHUNK": min_chunk, "CHUNK_PER_ROW": per_row, "repeat": repeat,
+                   "compiled_ms": _median_ms(run, steps, warmup, device),
+                   "compiled_gpu_ms": _median_gpu_ms(run, steps, device),
+                   "compiled_pipelined_ms": _pipelined_ms(run, steps, warmup, device), **floor_ms(model, p, copy_bps)}
+            row["x_floor"] = row["compiled_ms"] / row["floor_ms"]
+            row["x_floor_pipelined"] = row["compiled_pipelined_ms"] / row["floor_ms"]
+            if device.type == "cuda":
+                row["kernels_ms"] = kernel_times(run, top=40)
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "kernels_ms"}), flush=True)
+    tree_kernel.MIN_CHUNK, tree_kernel.CHUNK_PER_ROW = DEFAULT_SPLIT
+    return rows
 
 
 def kernel_times(run, top: int = 12) -> dict:
@@ -199,11 +264,13 @@ def kernel_times(run, top: int = 12) -> dict:
 
 def markdown(rows) -> str:
     lines = ["| P | T | step ms (dynamic) | graph ms (fast path) | compiled ms (fast path, compile=True) | "
-             "compiled GPU ms | forward ms | plain decode ms | floor ms | x floor |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "compiled GPU ms | compiled pipelined ms | forward ms | plain decode ms | floor ms | x floor | "
+             "x floor pipelined |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['P']} | {r['T']} | {r['step_ms']:.2f} | {r['graph_ms']:.2f} | {r['compiled_ms']:.2f} | "
-              f"{r['compiled_gpu_ms']:.2f} | {r['forward_ms']:.2f} | "
-              f"{r['plain_decode_ms']:.2f} | {r['floor_ms']:.2f} | {r['x_floor']:.2f} |" for r in rows]
+              f"{r['compiled_gpu_ms']:.2f} | {r['compiled_pipelined_ms']:.2f} | {r['forward_ms']:.2f} | "
+              f"{r['plain_decode_ms']:.2f} | {r['floor_ms']:.2f} | {r['x_floor']:.2f} | {r['x_floor_pipelined']:.2f} |"
+              for r in rows]
     return "\n".join(lines)
 
 
@@ -215,6 +282,10 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model, for a CPU smoke test")
     parser.add_argument("--profile", action="store_true", help="record each row's costliest kernels (GPU)")
+    parser.add_argument("--split", nargs="+", metavar="MIN_CHUNK:CHUNK_PER_ROW",
+                        help="instead of the table: the compiled step under each prefix split of the tree-attention "
+                             "kernel, at the first P and T")
+    parser.add_argument("--compile-mode", help="a torch.compile mode for the compiled column")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -222,10 +293,19 @@ def main(argv=None):
     copy_bps = copy_bandwidth(device)
     record = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "model": "tiny" if args.tiny else "llama-8b-shaped, random bf16",
-              "copy_GBps": copy_bps / 1e9, "rows": []}
+              "compile_mode": args.compile_mode, "copy_GBps": copy_bps / 1e9, "rows": []}
+    if args.split:
+        settings = [tuple(int(x) for x in setting.split(":")) for setting in args.split]
+        record["rows"] = split_sweep(model, args.P[0], args.T[0], settings, args.steps, args.warmup, copy_bps,
+                                     args.compile_mode)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(record, f, indent=1)
+        return
     for p in args.P:
         for t in args.T:
-            record["rows"].append(run_row(model, p, t, args.steps, args.warmup, copy_bps, args.profile))
+            record["rows"].append(run_row(model, p, t, args.steps, args.warmup, copy_bps, args.profile,
+                                          args.compile_mode))
             print(markdown(record["rows"][-1:]).splitlines()[-1], flush=True)
             if args.out:
                 with open(args.out, "w") as f:

@@ -86,23 +86,15 @@ class TreeLayer(DynamicLayer):
         if self.is_initialized:
             self._set_length(min(max_length, self.length))
 
-    def compact(self, src: torch.Tensor, dest: torch.Tensor, keep: torch.Tensor, length: int | None) -> None:
-        """Copy columns ``src[b, :keep[b]]`` to ``dest[b], dest[b] + 1, ...``, then keep ``length`` columns
-        (None: the held length)."""
-        if not self.is_initialized:
-            return
-        if attention.use_kernel(self._k.device, self._k.shape[-1]):
-            from specdec.kernels.compact import compact
-
-            compact(self._k, self._v, src, dest, keep)
-        else:
-            dest_cols = dest[:, None] + torch.arange(src.shape[1], device=src.device)
-            for buf in (self._k, self._v):
-                b, h, _, d = buf.shape
-                gathered = buf.gather(2, src[:, None, :, None].expand(b, h, -1, d))
-                buf.scatter_(2, dest_cols[:, None, :, None].expand(b, h, -1, d), gathered)
-        if length is not None:
-            self._set_length(length)
+    def compact(self, src: torch.Tensor, dest: torch.Tensor, keep: torch.Tensor) -> None:
+        """The reference for ``kernels.compact``: columns ``src[b, :keep[b]]`` to ``dest[b], dest[b] + 1, ...``;
+        it also writes the columns past ``keep[b]`` (with whatever ``src`` names there), which lie beyond the
+        row's new end, where attention never looks."""
+        dest_cols = dest[:, None] + torch.arange(src.shape[1], device=src.device)
+        for buf in (self._k, self._v):
+            b, h, _, d = buf.shape
+            gathered = buf.gather(2, src[:, None, :, None].expand(b, h, -1, d))
+            buf.scatter_(2, dest_cols[:, None, :, None].expand(b, h, -1, d), gathered)
 
 
 class TreeCache(Cache):
@@ -111,6 +103,7 @@ class TreeCache(Cache):
     def __init__(self, capacity: int = 256):
         super().__init__(layer_class_to_replicate=lambda: TreeLayer(capacity, self.held))
         self.held: int | None = None
+        self._tables: tuple | None = None  # (the buffers' addresses, ``_address_tables``' answer for them)
 
     @classmethod
     def from_dynamic(cls, cache: DynamicCache, capacity: int) -> "TreeCache":
@@ -124,16 +117,44 @@ class TreeCache(Cache):
         return tree_cache
 
     def compact(self, src: torch.Tensor, dest: torch.Tensor, keep: torch.Tensor) -> None:
-        """Move ``keep[b]`` columns ``src[b, :keep[b]]`` of each row to ``dest[b], dest[b] + 1, ...``.
+        """Move ``keep[b]`` columns ``src[b, :keep[b]]`` of each row to ``dest[b], dest[b] + 1, ...``, in every
+        layer. Unless the cache is held, it is then cropped to the longest row (a read of the device).
 
-        On CUDA a Triton kernel copies exactly the kept columns, once. The reference path also writes
-        the columns past ``keep[b]`` (with whatever ``src`` names there); they lie beyond the row's new
-        end, where attention never looks. Unless the cache is held, it is then cropped to the longest row
-        (a read of the device).
-        """
-        length = None if self.held is not None else int((dest + keep).max())
-        for layer in self.layers:
-            layer.compact(src, dest, keep, length)
+        On CUDA a Triton kernel copies exactly the kept columns, once, with one launch for all layers of one
+        geometry (``kernels.compact``)."""
+        layers = [layer for layer in self.layers if layer.is_initialized]
+        if not layers:
+            return
+        if attention.use_kernel(layers[0]._k.device, layers[0]._k.shape[-1]):
+            from specdec.kernels.compact import compact
+
+            for table, k, v in self._address_tables(layers):
+                compact(table, k, v, src, dest, keep)
+        else:
+            for layer in layers:
+                layer.compact(src, dest, keep)
+        if self.held is None:
+            length = int((dest + keep).max())
+            for layer in layers:
+                layer._set_length(length)
+
+    def _address_tables(self, layers: list[TreeLayer]) -> list[tuple]:
+        """(addresses, one K buffer, one V buffer) per group of layers whose buffers share shape, strides
+        and dtype: usually one. Remade only when a buffer has moved, which never happens in a captured step
+        (the step is keyed by the buffers' sizes, and its first run is eager)."""
+        addresses = tuple((layer._k.data_ptr(), layer._v.data_ptr()) for layer in layers)
+        if self._tables is None or self._tables[0] != addresses:
+            from specdec.kernels.compact import address_table
+
+            groups: dict = {}
+            for layer in layers:
+                geometry = tuple((x.shape, x.stride(), x.dtype) for x in (layer._k, layer._v))
+                groups.setdefault(geometry, []).append(layer)
+            self._tables = addresses, [
+                (address_table([(layer._k, layer._v) for layer in group]), group[0]._k, group[0]._v)
+                for group in groups.values()
+            ]
+        return self._tables[1]
 
     def hold(self, length: int | None) -> None:
         """Keep the length at ``length`` (past every row's end) from now on, in layers the model has not

@@ -8,6 +8,7 @@ and cache are never modified.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -108,12 +109,12 @@ def _sync(device):
     return time.perf_counter()
 
 
-def _new_token_count(acc, eos: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
+def _new_token_count(acc, sampling: Sampling, room: torch.Tensor) -> torch.Tensor:
     """Accepted tokens each row keeps: cut after the first eos and at ``max_new_tokens``."""
     count = acc.length
-    if eos.numel():
+    if sampling.eos_token_ids:
         steps = torch.arange(acc.tokens.shape[1], device=count.device)
-        is_eos = torch.isin(acc.tokens, eos) & (steps < count[:, None])
+        is_eos = sampling.is_eos(acc.tokens) & (steps < count[:, None])
         first = torch.where(is_eos, steps, acc.tokens.shape[1]).min(1).values
         count = torch.minimum(count, first + 1)
     return torch.minimum(count, room)
@@ -156,31 +157,40 @@ COUNTERS = ("steps", "row_steps", "drafted_tokens", "accepted_tokens", "new_toke
 
 
 def verify_step(model, cache, seqs: Sequences, tree: Tree, sampling: Sampling, counters: torch.Tensor,
-                want_features: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                want_features: bool, compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One verification: the target runs once over ``tree``, each row's accepted path stays in ``cache``
     and is appended to ``seqs``, and ``counters`` (see ``COUNTERS``) grow. Returns the new tokens (B, D)
-    and how many of them each row keeps.
+    and how many of them each row keeps. ``compiled``: ``keep_accepted`` runs fused by ``torch.compile``.
 
     Every write is in place, and with the cache held at a fixed length (``TreeCache.hold``) nothing reads
     the device, so a CUDA graph can capture the whole step (:mod:`specdec.graphs`). Otherwise the tree goes
     after the cache's current length, which is then cropped to the longest row.
     """
-    active = ~seqs.finished
     cache_len = cache.get_seq_length()
-    positions = (seqs.end - 1 - seqs.start)[:, None] + tree.depth
+    dest = seqs.end - 1
+    positions = (dest - seqs.start)[:, None] + tree.depth
     with features.capture(model, want_features) as captured:
-        logits = forward_nodes(
-            model, cache, tree.tokens, positions, Prefix(seqs.start, seqs.end - 1), tree.ancestors, positions
-        )
+        logits = forward_nodes(model, cache, tree.tokens, positions, Prefix(seqs.start, dest), tree.ancestors, positions)
+    keep = _compiled_keep_accepted() if compiled else keep_accepted
+    path, kept, tokens, count = keep(tree, logits, captured[0] if captured else None, sampling, seqs, counters)
+    cache.compact(cache_len + path, dest, kept)
+    return tokens, count
+
+
+def keep_accepted(tree: Tree, logits: torch.Tensor, features: torch.Tensor | None, sampling: Sampling,
+                  seqs: Sequences, counters: torch.Tensor):
+    """``verify_step`` after the target's pass: accept a path per row from ``logits`` (and ``features``, the
+    target's hidden states, when a drafter reads them), append it to ``seqs``, count. Returns the path, how
+    many of its cache columns each row keeps, the new tokens, and how many of them each row keeps.
+
+    Tensors in, tensors out, no host reads: dozens of small kernels that ``torch.compile`` fuses into a few."""
+    active = ~seqs.finished
     acc = verify(tree, logits, sampling, seqs.generated[:, None] + tree.depth, seqs.end[:, None] + tree.depth)
-    cache.compact(cache_len + acc.path, seqs.end - 1, torch.where(active, acc.length, 0))
-    eos = sampling.eos(tree.tokens.device)
-    count = torch.where(active, _new_token_count(acc, eos, seqs.limit - seqs.end), 0)
-    if captured:
-        path_features = captured[0].gather(1, acc.path[..., None].expand(-1, -1, captured[0].shape[-1]))
-        seqs.write_features(seqs.end - 1, path_features, count)
+    count = torch.where(active, _new_token_count(acc, sampling, seqs.limit - seqs.end), 0)
+    if features is not None:
+        seqs.write_features(seqs.end - 1, features.gather(1, acc.path[..., None].expand(-1, -1, features.shape[-1])), count)
     seqs.append(acc.tokens, count)
-    seqs.finished |= (seqs.end >= seqs.limit) | (torch.isin(seqs.last, eos) & (count > 0))
+    seqs.finished |= (seqs.end >= seqs.limit) | (sampling.is_eos(seqs.last) & (count > 0))
     counters += torch.stack([
         active.any().long(),
         active.sum(),
@@ -188,7 +198,12 @@ def verify_step(model, cache, seqs: Sequences, tree: Tree, sampling: Sampling, c
         torch.where(active, acc.length - 1, 0).sum(),
         count.sum(),
     ])
-    return acc.tokens, count
+    return acc.path, torch.where(active, acc.length, 0), acc.tokens, count
+
+
+@functools.cache
+def _compiled_keep_accepted():
+    return torch.compile(keep_accepted)
 
 
 @torch.no_grad()
@@ -220,8 +235,9 @@ def generate(
 
     ``compile=True`` also fuses the target's forward in that step with ``torch.compile`` (Inductor): the
     norms, rotary embeddings and activations that eager modeling code runs as dozens of small kernels per
-    layer. The first call compiles (seconds for small models, minutes for large ones); later calls reuse
-    it. It implies the fixed-shape step, on a CPU too.
+    layer, and the acceptance after it. The first call compiles (seconds for small models, minutes for large
+    ones); later calls reuse it, though the first two or three prompts of new lengths recompile once each
+    (torch.compile's automatic dynamic shapes). It implies the fixed-shape step, on a CPU too.
     """
     check_model(model, "model")
     drafter = _resolve_drafter(drafter, assistant_model, prompt_lookup_num_tokens)
@@ -259,7 +275,6 @@ def generate(
     stats = Stats()
     dev = input_ids.device
     counters = torch.zeros(len(COUNTERS), dtype=torch.long, device=dev)
-    eos = sampling.eos(dev)
 
     def fall_back() -> None:  # the dynamic path, uncompiled, unless the caller asked for fixed shapes
         if not fast_path:
@@ -276,8 +291,9 @@ def generate(
     fused = torch.compile(model) if compile else model
 
     def step(tree: Tree | None):
-        return verify_step(fused if cache.held is not None else model, cache, seqs,
-                           propose() if tree is None else tree, sampling, counters, want_features)
+        fixed = cache.held is not None
+        return verify_step(fused if fixed else model, cache, seqs, propose() if tree is None else tree, sampling,
+                           counters, want_features, compiled=compile and fixed)
 
     try:
         with features.capture(model, want_features) as captured:
@@ -290,7 +306,7 @@ def generate(
         first = verify(Tree.root_only(seqs.last), last[:, None], sampling, seqs.generated[:, None],
                        seqs.end[:, None]).tokens[:, 0]
         seqs.append(first[:, None], torch.ones_like(first))
-        seqs.finished |= (seqs.end >= seqs.limit) | torch.isin(first, eos)
+        seqs.finished |= (seqs.end >= seqs.limit) | sampling.is_eos(first)
         counters[COUNTERS.index("new_tokens")] += batch
         if fast_path or compile or graphs.enabled:  # fixed shapes: rows' cached columns end before the limit
             cache.hold(seqs.limit)

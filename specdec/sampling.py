@@ -7,7 +7,6 @@ draft's proposal distribution q is comparable to the target's p.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
@@ -74,18 +73,21 @@ class Sampling:
             min_length=config.min_length or 0,
         )
 
-    def eos(self, device) -> torch.Tensor:
-        """The eos ids as a tensor on ``device``, made once: a step captured in a CUDA graph may not copy
-        from the host."""
-        return _on_device(self.eos_token_ids, torch.device(device))
+    def is_eos(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Where ``tokens`` are eos. The ids stay Python ints (a handful at most), so nothing is copied from
+        the host: a step captured in a CUDA graph may not, and a compiled one folds them in as constants."""
+        found = torch.zeros_like(tokens, dtype=torch.bool)
+        for eos in self.eos_token_ids:
+            found |= tokens == eos
+        return found
 
     def _scores(self, logits, new_tokens: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
         """fp32 logits with eos forbidden where the minimum length is not reached yet."""
         scores = logits.float()
         if self.eos_token_ids:
             too_short = (new_tokens < self.min_new_tokens) | (length < self.min_length)
-            eos = self.eos(scores.device)
-            scores[..., eos] = torch.where(too_short[..., None], -float("inf"), scores[..., eos])
+            for eos in self.eos_token_ids:
+                scores[..., eos] = torch.where(too_short, -float("inf"), scores[..., eos])
         return scores
 
     def probs(self, logits, new_tokens: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
@@ -126,8 +128,3 @@ class Sampling:
     def greedy_tokens(self, logits, new_tokens: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
         """(B, N): the token greedy decoding picks after each node (arguments as for ``probs``)."""
         return self._scores(logits, new_tokens, length).argmax(-1)
-
-
-@lru_cache(maxsize=None)
-def _on_device(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return torch.tensor(ids, dtype=torch.long, device=device)

@@ -148,21 +148,47 @@ def reference_compact(k, src, dest, keep):
     return out
 
 
-@pytest.mark.parametrize("head_dim", [16, 128])
-def test_compact_moves_only_the_kept_path(head_dim):
+@pytest.mark.parametrize("head_dim,dtype", [(16, torch.float32), (128, torch.float32), (128, torch.bfloat16)])
+def test_compact_moves_only_the_kept_path(head_dim, dtype):
+    """Three layers in one launch; the kernel copies bytes, so bf16 moves as exactly as fp32."""
     gen = torch.Generator().manual_seed(0)
     batch, heads, cache_len, nodes = 4, 2, 20, 9
-    k = torch.randn(batch, heads, cache_len + nodes, head_dim, generator=gen).to(DEVICE)
-    v = torch.randn(batch, heads, cache_len + nodes, head_dim, generator=gen).to(DEVICE)
+    shape = (batch, heads, cache_len + nodes, head_dim)
+    layers = [tuple(torch.randn(shape, generator=gen).to(DEVICE, dtype) for _ in "kv") for _ in range(3)]
     # Row 0 is already in place for its first entry; row 1 overlaps its own sources (dest + 3 == src[0]);
     # row 2 keeps nothing past the root; row 3 jumps over rejected branches.
     paths = torch.tensor([[0, 1, 2, 5], [0, 1, 2, 3], [0, 4, 6, 8], [0, 3, 7, 8]])
     src = (cache_len + paths).to(DEVICE)
     dest = torch.tensor([cache_len, cache_len - 3, cache_len - 1, cache_len - 6]).to(DEVICE)
     keep = torch.tensor([4, 4, 1, 3]).to(DEVICE)
-    want_k, want_v = reference_compact(k, src, dest, keep), reference_compact(v, src, dest, keep)
-    compact_module.compact(k, v, src, dest, keep)
-    assert torch.equal(k, want_k) and torch.equal(v, want_v)
+    want = [tuple(reference_compact(x, src, dest, keep) for x in layer) for layer in layers]
+    compact_module.compact(compact_module.address_table(layers), *layers[0], src, dest, keep)
+    for (k, v), (want_k, want_v) in zip(layers, want):
+        assert torch.equal(k, want_k) and torch.equal(v, want_v)
+
+
+def test_cache_compacts_layers_of_two_geometries():
+    """A model whose layers differ in KV heads or head size gets one launch per geometry; every layer
+    ends as the reference path leaves it."""
+    from specdec.cache import TreeCache
+
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(2, 16), (1, 32), (2, 16)]  # (KV heads, head size) of each layer
+    caches = {name: TreeCache(capacity=16) for name in ("kernel", "mask")}
+    for i, (heads, dim) in enumerate(shapes):
+        k, v = (torch.randn(3, heads, 12, dim, generator=gen).to(DEVICE) for _ in "kv")
+        for cache in caches.values():
+            cache.update(k.clone(), v.clone(), i)
+    src = torch.tensor([[9, 10, 11], [8, 11, 0], [10, 0, 0]]).to(DEVICE)
+    dest, keep = torch.tensor([5, 7, 2]).to(DEVICE), torch.tensor([3, 2, 1]).to(DEVICE)
+    for name, cache in caches.items():
+        with attention.backend(name):
+            cache.compact(src, dest, keep)
+    assert len(caches["kernel"]._address_tables(caches["kernel"].layers)) == 2
+    for got, want in zip(caches["kernel"].layers, caches["mask"].layers):
+        for b, n in enumerate((dest + keep).tolist()):  # columns past a row's new end are not specified
+            assert torch.equal(got.keys[b, :, :n], want.keys[b, :, :n])
+            assert torch.equal(got.values[b, :, :n], want.values[b, :, :n])
 
 
 def test_kernel_backend_errors(monkeypatch):
