@@ -51,7 +51,7 @@ def _triton_installed() -> bool:
 
 def use_kernel(device: torch.device, head_dim: int) -> bool:
     """Whether to run the kernels on these tensors (raises if ``"kernel"`` is forced but cannot run).
-    Asked once per forward pass and once per layer's cache compaction, so it does no lookups itself."""
+    Asked once per forward pass and once per cache compaction, so it does no lookups itself."""
     choice = _backend.get()
     if choice == "mask":
         return False

@@ -183,7 +183,7 @@ def keep_accepted(tree: Tree, logits: torch.Tensor, features: torch.Tensor | Non
     target's hidden states, when a drafter reads them), append it to ``seqs``, count. Returns the path, how
     many of its cache columns each row keeps, the new tokens, and how many of them each row keeps.
 
-    Tensors in, tensors out, no host reads: dozens of small kernels that ``torch.compile`` fuses into a few."""
+    Every write in place and no host reads: dozens of small kernels that ``torch.compile`` fuses into a few."""
     active = ~seqs.finished
     acc = verify(tree, logits, sampling, seqs.generated[:, None] + tree.depth, seqs.end[:, None] + tree.depth)
     count = torch.where(active, _new_token_count(acc, sampling, seqs.limit - seqs.end), 0)
