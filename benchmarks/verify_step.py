@@ -200,6 +200,16 @@ def floor_ms(model, p: int, copy_bps: float) -> dict:
     return {"weight_bytes": weight_bytes, "kv_bytes": kv_bytes, "floor_ms": 1e3 * (weight_bytes + kv_bytes) / copy_bps}
 
 
+def compiled_columns(run, steps: int, warmup: int, device, floor: dict) -> dict:
+    """The compiled step's three timings (see the module's docstring), ``floor`` and the ratios to it."""
+    row = {"compiled_ms": _median_ms(run, steps, warmup, device),
+           "compiled_gpu_ms": _median_gpu_ms(run, steps, device),
+           "compiled_pipelined_ms": _pipelined_ms(run, steps, warmup, device), **floor}
+    row["x_floor"] = row["compiled_ms"] / floor["floor_ms"]
+    row["x_floor_pipelined"] = row["compiled_pipelined_ms"] / floor["floor_ms"]
+    return row
+
+
 @torch.no_grad()
 def run_row(model, p: int, t: int, steps: int, warmup: int, copy_bps: float, profile: bool = False,
             compile_mode: str | None = None) -> dict:
@@ -208,14 +218,9 @@ def run_row(model, p: int, t: int, steps: int, warmup: int, copy_bps: float, pro
     row = {"P": p, "T": t,
            "step_ms": _median_ms(bench.step, steps, warmup, device),
            "graph_ms": _median_ms(graph_step, steps, warmup, device),
-           "compiled_ms": _median_ms(compiled_graph_step, steps, warmup, device),
-           "compiled_gpu_ms": _median_gpu_ms(compiled_graph_step, steps, device),
-           "compiled_pipelined_ms": _pipelined_ms(compiled_graph_step, steps, warmup, device),
+           **compiled_columns(compiled_graph_step, steps, warmup, device, floor_ms(model, p, copy_bps)),
            "forward_ms": _median_ms(bench.forward, steps, warmup, device),
-           "plain_decode_ms": _median_ms(bench.plain_decode, steps, warmup, device),
-           **floor_ms(model, p, copy_bps)}
-    row["x_floor"] = row["compiled_ms"] / row["floor_ms"]
-    row["x_floor_pipelined"] = row["compiled_pipelined_ms"] / row["floor_ms"]
+           "plain_decode_ms": _median_ms(bench.plain_decode, steps, warmup, device)}
     if profile and device.type == "cuda":
         row["kernels_ms"] = kernel_times(graph_step)
         row["compiled_kernels_ms"] = kernel_times(compiled_graph_step)
@@ -234,11 +239,7 @@ def split_sweep(model, p: int, t: int, settings: list[tuple[int, int]], steps: i
             tree_kernel.MIN_CHUNK, tree_kernel.CHUNK_PER_ROW = min_chunk, per_row
             run = bench.replayed(True)
             row = {"P": p, "T": t, "MIN_CHUNK": min_chunk, "CHUNK_PER_ROW": per_row, "repeat": repeat,
-                   "compiled_ms": _median_ms(run, steps, warmup, device),
-                   "compiled_gpu_ms": _median_gpu_ms(run, steps, device),
-                   "compiled_pipelined_ms": _pipelined_ms(run, steps, warmup, device), **floor_ms(model, p, copy_bps)}
-            row["x_floor"] = row["compiled_ms"] / row["floor_ms"]
-            row["x_floor_pipelined"] = row["compiled_pipelined_ms"] / row["floor_ms"]
+                   **compiled_columns(run, steps, warmup, device, floor_ms(model, p, copy_bps))}
             if device.type == "cuda":
                 row["kernels_ms"] = kernel_times(run, top=40)
             rows.append(row)
