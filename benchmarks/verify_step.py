@@ -44,7 +44,7 @@ from transformers import DynamicCache, GenerationConfig, LlamaConfig, LlamaForCa
 from specdec.attention import head_dim
 from specdec.cache import TreeCache
 from specdec.forward import Prefix, forward_nodes, prefill
-from specdec.generate import COUNTERS, graph_key, verify_step
+from specdec.generate import COUNTERS, compiled_keep_accepted, graph_key, keep_accepted, verify_step
 from specdec.graphs import StepGraphs
 from specdec.sampling import Sampling
 from specdec.sequences import Sequences
@@ -139,7 +139,8 @@ class StepBench:
 
     def __init__(self, model, p: int, t: int, compile_mode: str | None = None):
         device, vocab = model.device, model.config.vocab_size
-        self.model, self.p, self.t, self.compile_mode = model, p, t, compile_mode
+        self.model, self.p = model, p
+        self.compiled_model = torch.compile(model, mode=compile_mode)  # compiles at its first call
         prompt = torch.randint(vocab, (1, p + 1), device=device)
         self.start = torch.zeros(1, dtype=torch.long, device=device)
         # A sequence of P + 1 tokens, the last the tree's root; one cache for each path, P tokens each.
@@ -155,7 +156,6 @@ class StepBench:
         self.dynamic = DynamicCache(config=model.config)
         model(prompt[:, :p], past_key_values=self.dynamic, use_cache=True)
         self.prompt = prompt
-        self._compiled_model = None
 
     def rewind(self):  # the held cache needs none: its length never moves
         self.seqs.end.fill_(self.p + 1)
@@ -174,14 +174,11 @@ class StepBench:
     def replayed(self, compiled: bool):
         """The fast path's step (``compiled``: as ``generate(compile=True)`` runs it), replayed from a CUDA
         graph on a GPU. Each call captures anew, so it takes up kernel settings changed since the last."""
-        if compiled and self._compiled_model is None:
-            self._compiled_model = torch.compile(self.model, mode=self.compile_mode)
-        target = self._compiled_model if compiled else self.model
+        target, keep = (self.compiled_model, compiled_keep_accepted()) if compiled else (self.model, keep_accepted)
         graphs = StepGraphs(enabled=self.model.device.type == "cuda")
 
         def held_step(tree):
-            return verify_step(target, self.held_cache, self.seqs, tree, self.sampling, self.counters, False,
-                               compiled=compiled)
+            return verify_step(target, self.held_cache, self.seqs, tree, self.sampling, self.counters, False, keep)
 
         def run():
             graphs.run(held_step, graph_key(self.tree.shape, self.seqs, self.held_cache), self.tree)

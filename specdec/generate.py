@@ -156,27 +156,6 @@ class _AllFinished:
 COUNTERS = ("steps", "row_steps", "drafted_tokens", "accepted_tokens", "new_tokens")
 
 
-def verify_step(model, cache, seqs: Sequences, tree: Tree, sampling: Sampling, counters: torch.Tensor,
-                want_features: bool, compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """One verification: the target runs once over ``tree``, each row's accepted path stays in ``cache``
-    and is appended to ``seqs``, and ``counters`` (see ``COUNTERS``) grow. Returns the new tokens (B, D)
-    and how many of them each row keeps. ``compiled``: ``keep_accepted`` runs fused by ``torch.compile``.
-
-    Every write is in place, and with the cache held at a fixed length (``TreeCache.hold``) nothing reads
-    the device, so a CUDA graph can capture the whole step (:mod:`specdec.graphs`). Otherwise the tree goes
-    after the cache's current length, which is then cropped to the longest row.
-    """
-    cache_len = cache.get_seq_length()
-    dest = seqs.end - 1
-    positions = (dest - seqs.start)[:, None] + tree.depth
-    with features.capture(model, want_features) as captured:
-        logits = forward_nodes(model, cache, tree.tokens, positions, Prefix(seqs.start, dest), tree.ancestors, positions)
-    keep = _compiled_keep_accepted() if compiled else keep_accepted
-    path, kept, tokens, count = keep(tree, logits, captured[0] if captured else None, sampling, seqs, counters)
-    cache.compact(cache_len + path, dest, kept)
-    return tokens, count
-
-
 def keep_accepted(tree: Tree, logits: torch.Tensor, features: torch.Tensor | None, sampling: Sampling,
                   seqs: Sequences, counters: torch.Tensor):
     """``verify_step`` after the target's pass: accept a path per row from ``logits`` (and ``features``, the
@@ -201,8 +180,31 @@ def keep_accepted(tree: Tree, logits: torch.Tensor, features: torch.Tensor | Non
     return acc.path, torch.where(active, acc.length, 0), acc.tokens, count
 
 
+def verify_step(model, cache, seqs: Sequences, tree: Tree, sampling: Sampling, counters: torch.Tensor,
+                want_features: bool, keep=keep_accepted) -> tuple[torch.Tensor, torch.Tensor]:
+    """One verification: the target runs once over ``tree``, each row's accepted path stays in ``cache``
+    and is appended to ``seqs``, and ``counters`` (see ``COUNTERS``) grow. Returns the new tokens (B, D)
+    and how many of them each row keeps. ``keep``: ``keep_accepted``, or ``compiled_keep_accepted()`` to go with
+    a compiled ``model``.
+
+    Every write is in place, and with the cache held at a fixed length (``TreeCache.hold``) nothing reads
+    the device, so a CUDA graph can capture the whole step (:mod:`specdec.graphs`). Otherwise the tree goes
+    after the cache's current length, which is then cropped to the longest row.
+    """
+    cache_len = cache.get_seq_length()
+    dest = seqs.end - 1
+    positions = (dest - seqs.start)[:, None] + tree.depth
+    with features.capture(model, want_features) as captured:
+        logits = forward_nodes(model, cache, tree.tokens, positions, Prefix(seqs.start, dest), tree.ancestors, positions)
+    path, kept, tokens, count = keep(tree, logits, captured[0] if captured else None, sampling, seqs, counters)
+    cache.compact(cache_len + path, dest, kept)
+    return tokens, count
+
+
 @functools.cache
-def _compiled_keep_accepted():
+def compiled_keep_accepted():
+    """``keep_accepted`` fused by ``torch.compile``, one per process (made on first use: compiling is lazy,
+    but importing Dynamo is not)."""
     return torch.compile(keep_accepted)
 
 
@@ -288,12 +290,12 @@ def generate(
         return drafter.propose(seqs) if drafter is not None else Tree.root_only(seqs.last)
 
     # Compiled only where shapes are fixed: a held cache (a failed capture lets go of it).
-    fused = torch.compile(model) if compile else model
+    fused = (torch.compile(model), compiled_keep_accepted()) if compile else (model, keep_accepted)
 
     def step(tree: Tree | None):
-        fixed = cache.held is not None
-        return verify_step(fused if fixed else model, cache, seqs, propose() if tree is None else tree, sampling,
-                           counters, want_features, compiled=compile and fixed)
+        target, keep = fused if cache.held is not None else (model, keep_accepted)
+        return verify_step(target, cache, seqs, propose() if tree is None else tree, sampling, counters,
+                           want_features, keep)
 
     try:
         with features.capture(model, want_features) as captured:

@@ -87,7 +87,7 @@ class Sampling:
         if self.eos_token_ids:
             too_short = (new_tokens < self.min_new_tokens) | (length < self.min_length)
             for eos in self.eos_token_ids:
-                scores[..., eos] = torch.where(too_short, -float("inf"), scores[..., eos])
+                scores[..., eos].masked_fill_(too_short, -float("inf"))
         return scores
 
     def probs(self, logits, new_tokens: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
