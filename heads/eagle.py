@@ -28,9 +28,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from specdec import features
-from specdec.cache import TreeCache
+from specdec.cache import kept_cache
 from specdec.drafters.base import Drafter, require_positive
 from specdec.forward import Prefix, extend_chains, forward_nodes, prefill
+from specdec.graphs import addresses
 from specdec.sampling import Sampling
 from specdec.sequences import Sequences
 from specdec.tree import Tree
@@ -94,7 +95,6 @@ class Eagle(Drafter):
         require_positive(top_k=top_k, depth=depth, total_tokens=total_tokens)
         self.head = head
         self.top_k, self.depth, self.total_tokens = top_k, depth, total_tokens
-        self.cache = None
 
     @property
     def fixed_nodes(self) -> int:
@@ -112,17 +112,17 @@ class Eagle(Drafter):
 
     def begin(self, target, seqs: Sequences, sampling: Sampling) -> None:
         super().begin(target, seqs, sampling)
-        self.cache = TreeCache(seqs.tokens.shape[1])
+        self.cache = kept_cache(self.head, seqs.end.shape[0], seqs.tokens.shape[1], seqs.end.device)
         # Pairs (f_c, x_{c+1}) for every column whose feature is known, except the last: propose feeds it.
         width = max(seqs.prompt_length - 2, 0)
-        self.cached_end = torch.full_like(seqs.end, width)
+        self.cache.ends.fill_(width)  # the pairs cached end there
         if width:
             pairs = self.head.inputs(seqs.features[:, :width], seqs.tokens[:, 1 : width + 1])
             self.forwards += prefill(self.head.decoder, self.cache, pairs, seqs.start)[0]
         self.cache.hold(seqs.limit)
 
-    def end(self) -> None:
-        self.cache = None
+    def graph_key(self) -> tuple:
+        return "eagle", self.top_k, self.depth, self.total_tokens, addresses(self.head, self.cache.tensors())
 
     def _run(self, fn, *args):
         with features.capture(self.head.decoder) as captured:
@@ -147,13 +147,14 @@ class Eagle(Drafter):
         # Catch up on the pairs whose features the last verification produced; the last one is the root's.
         # At most a whole path of the last tree and its bonus token (2 after the prompt), none once a row
         # has finished.
-        count = seqs.end - 1 - self.cached_end
-        cols = (self.cached_end[:, None] + torch.arange(self.depth + 1, device=dev)).clamp(max=seqs.end.max() - 2)
+        cached_end = self.cache.ends
+        count = seqs.end - 1 - cached_end
+        cols = (cached_end[:, None] + torch.arange(self.depth + 1, device=dev)).clamp(max=seqs.end.max() - 2)
         pairs = self.head.inputs(seqs.features.gather(1, cols[..., None].expand(-1, -1, seqs.features.shape[-1])),
                                  seqs.tokens.gather(1, cols + 1))
-        logits, feats = self._run(extend_chains, pairs, count, Prefix(seqs.start, self.cached_end))
+        logits, feats = self._run(extend_chains, pairs, count, Prefix(seqs.start, cached_end))
         last = (count - 1).clamp(min=0)[:, None]
-        self.cached_end.copy_(seqs.end - 1)
+        cached_end.copy_(seqs.end - 1)
 
         # Candidate pool, level by level: tokens, parent (pool index, 0 = root) and score (float64, so the
         # small depth penalty always breaks parent-child ties in the parent's favour).

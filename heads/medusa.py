@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from specdec.drafters.base import Drafter, require_positive
+from specdec.graphs import addresses
 from specdec.sequences import Sequences
 from specdec.tree import Tree
 
@@ -95,19 +96,22 @@ class Medusa(Drafter):
         self.max_depth = max(len(p) for p in tree)
         self.max_children = max(collections.Counter(p[:-1] for p in tree).values())
         self.fixed_nodes = len(tree) + 1
+        self.layout = None
 
     def check(self, target) -> None:
         check_fingerprint(self.heads.target_fingerprint, target, "These Medusa heads")
         check_device(self.heads, target)
 
     def begin(self, target, seqs: Sequences, sampling) -> None:
-        """The tree's layout goes to the device once per call: a copy from the host cannot be captured."""
+        """The tree's layout goes to the device before the first step (a copy from the host cannot be
+        captured), once: steps captured in an earlier call replay reading it where it is."""
         super().begin(target, seqs, sampling)
         dev = seqs.end.device
-        self.layout = tuple(x.to(dev) for x in (self.parents, self.depths, self.ranks))
+        if self.layout is None or self.layout[0].device != dev:
+            self.layout = tuple(x.to(dev) for x in (self.parents, self.depths, self.ranks))
 
-    def end(self) -> None:
-        self.layout = None
+    def graph_key(self) -> tuple:
+        return "medusa", self.k, self.max_depth, self.max_children, addresses(self.heads, self.layout)
 
     @torch.no_grad()
     def propose(self, seqs: Sequences) -> Tree:

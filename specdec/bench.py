@@ -44,8 +44,8 @@ class Strategy:
     name: str
     family: str  # BASELINE, ASSISTED or OURS
     run: object  # (input_ids, attention_mask, **generation kwargs) -> (sequences, Stats | None)
-    # Compiles the target: each new prompt length may recompile it (torch.compile's automatic dynamic shapes
-    # settle after a few), so it warms up on every prompt, and the timed calls measure the compiled code.
+    # Compiles the target: a prompt too long for the buffers kept so far (``specdec.session``) recompiles it,
+    # so it warms up on every prompt, and the timed calls measure the compiled code.
     compiles: bool = False
 
 

@@ -22,6 +22,7 @@ exact, at the cost of memory proportional to the sequence rather than to the win
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
@@ -104,6 +105,9 @@ class TreeCache(Cache):
         super().__init__(layer_class_to_replicate=lambda: TreeLayer(capacity, self.held))
         self.held: int | None = None
         self._tables: tuple | None = None  # (the buffers' addresses, ``_address_tables``' answer for them)
+        # (B,) one past each row's last cached column, for a cache whose rows end apart from the sequences'
+        # (a drafter's); kept with the cache so that it stays where a captured step recorded it.
+        self.ends: torch.Tensor | None = None
 
     @classmethod
     def from_dynamic(cls, cache: DynamicCache, capacity: int) -> "TreeCache":
@@ -175,6 +179,23 @@ class TreeCache(Cache):
         finally:
             self.hold(held)
 
+    def reset(self) -> None:
+        """Empty and not held, as new, with every buffer where it was (a step captured in an earlier call
+        recorded them). Zeroed too, as new buffers are (see the module's docstring)."""
+        self.hold(None)
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer._k.zero_()
+                layer._v.zero_()
+                layer._set_length(0)
+        if self.ends is not None:
+            self.ends.zero_()
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every buffer a step reads or writes through this cache."""
+        found = [x for layer in self.layers if layer.is_initialized for x in (layer._k, layer._v)]
+        return found + ([self.ends] if self.ends is not None else [])
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """The held length, before any layer exists too (a drafter's cache with no prompt to prefill)."""
         return self.held if self.held is not None else super().get_seq_length(layer_idx)
@@ -183,3 +204,24 @@ class TreeCache(Cache):
     def capacity(self) -> int:
         """Columns the layers have room for: they grow together, and only growing moves their buffers."""
         return self.layers[0].capacity if self.layers else 0
+
+
+_kept: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def kept_cache(owner, batch: int, capacity: int, device) -> TreeCache:
+    """The cache ``owner`` (a drafter's model or head) used in its last call, reset, when it fits ``batch``
+    rows on ``device``; else a new one, kept from now on (freed with ``owner``). Its buffers then stay where a
+    step captured in an earlier call recorded them. ``ends`` is (B,), zero."""
+    cache = _kept.get(owner)
+    if cache is None or cache.ends.shape[0] != batch or cache.ends.device != torch.device(device):
+        cache = TreeCache(capacity)
+        cache.ends = torch.zeros(batch, dtype=torch.long, device=device)
+        _kept[owner] = cache
+    cache.reset()
+    return cache
+
+
+def release_kept(owner) -> None:
+    """Free the cache ``kept_cache`` keeps for ``owner``."""
+    _kept.pop(owner, None)

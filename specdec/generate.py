@@ -15,11 +15,11 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from . import features
-from .cache import TreeCache
 from .drafters.base import Drafter, require_positive
 from .drafters.draft_model import DraftModel
 from .drafters.prompt_lookup import PromptLookup
 from .forward import Prefix, check_model, forward_nodes, prefill
+from . import session as sessions
 from .graphs import StepGraphs
 from .output import SpeculativeOutput, Stats
 from .sampling import Sampling
@@ -85,9 +85,7 @@ def _resolve_mask(input_ids, attention_mask, pad_token_id, eos):
     return mask
 
 
-def _resolve_cache(past_key_values, input_ids, capacity):
-    if past_key_values is None:
-        return TreeCache(capacity)
+def _check_cache(past_key_values, input_ids) -> None:
     if type(past_key_values) is not DynamicCache or any(layer.is_sliding for layer in past_key_values.layers):
         raise TypeError(
             f"`past_key_values` of type {type(past_key_values).__name__} is not supported; pass None or a "
@@ -100,7 +98,6 @@ def _resolve_cache(past_key_values, input_ids, capacity):
             f"`past_key_values` holds {cached} tokens for batch {batch[:1]}; it must cover a strict prefix "
             f"of `input_ids` {tuple(input_ids.shape)}."
         )
-    return TreeCache.from_dynamic(past_key_values, capacity)
 
 
 def _sync(device):
@@ -165,11 +162,11 @@ def keep_accepted(tree: Tree, logits: torch.Tensor, features: torch.Tensor | Non
     Every write in place and no host reads: dozens of small kernels that ``torch.compile`` fuses into a few."""
     active = ~seqs.finished
     acc = verify(tree, logits, sampling, seqs.generated[:, None] + tree.depth, seqs.end[:, None] + tree.depth)
-    count = torch.where(active, _new_token_count(acc, sampling, seqs.limit - seqs.end), 0)
+    count = torch.where(active, _new_token_count(acc, sampling, seqs.stop - seqs.end), 0)
     if features is not None:
         seqs.write_features(seqs.end - 1, features.gather(1, acc.path[..., None].expand(-1, -1, features.shape[-1])), count)
     seqs.append(acc.tokens, count)
-    seqs.finished |= (seqs.end >= seqs.limit) | (sampling.is_eos(seqs.last) & (count > 0))
+    seqs.finished |= (seqs.end >= seqs.stop) | (sampling.is_eos(seqs.last) & (count > 0))
     counters += torch.stack([
         active.any().long(),
         active.sum(),
@@ -233,13 +230,16 @@ def generate(
     ``fast_path``: None (default) captures each verification step as a CUDA graph on a GPU and replays it,
     and runs the dynamic path on a CPU; True runs the fixed-shape step everywhere (without graphs on a
     CPU, where it checks that path); False always runs the dynamic path. A model whose step cannot be
-    captured falls back to the dynamic path, with a warning said once.
+    captured falls back to the dynamic path, with a warning said once. On the fixed-shape step ``generate``
+    keeps the model's buffers and captured steps between calls (:mod:`specdec.session`, as transformers keeps
+    a static cache), so a later call that fits replays the steps an earlier one captured;
+    ``specdec.release(model)`` frees them.
 
     ``compile=True`` also fuses the target's forward in that step with ``torch.compile`` (Inductor): the
     norms, rotary embeddings and activations that eager modeling code runs as dozens of small kernels per
     layer, and the acceptance after it. The first call compiles (seconds for small models, minutes for large
-    ones); later calls reuse it, though the first two or three prompts of new lengths recompile once each
-    (torch.compile's automatic dynamic shapes). It implies the fixed-shape step, on a CPU too.
+    ones); later calls that fit the kept buffers reuse it whatever their prompt's length, and one that needs
+    larger buffers recompiles once. It implies the fixed-shape step, on a CPU too.
     """
     check_model(model, "model")
     drafter = _resolve_drafter(drafter, assistant_model, prompt_lookup_num_tokens)
@@ -271,18 +271,18 @@ def generate(
             f"{type(drafter).__name__} drafts from the target's features of the whole prompt, which a "
             f"prefilled `past_key_values` skips; pass the prompt without `past_key_values`."
         )
-    seqs = Sequences.from_prompt(input_ids, mask, max_new)
-    cache = _resolve_cache(past_key_values, input_ids, seqs.tokens.shape[1])
+    if past_key_values is not None:
+        _check_cache(past_key_values, input_ids)
 
     stats = Stats()
     dev = input_ids.device
-    counters = torch.zeros(len(COUNTERS), dtype=torch.long, device=dev)
+    graphs_on = fast_path is not False and dev.type == "cuda"
+    fixed = bool(fast_path or compile or graphs_on)  # the cache held at a fixed length
 
     def fall_back() -> None:  # the dynamic path, uncompiled, unless the caller asked for fixed shapes
         if not fast_path:
             cache.hold(None)
 
-    graphs = StepGraphs(enabled=fast_path is not False and dev.type == "cuda", on_failure=fall_back)
     # Drafting joins the captured step when the drafter's trees have a fixed size and its work is on the device.
     fixed_nodes = 1 if drafter is None else drafter.fixed_nodes
 
@@ -297,23 +297,33 @@ def generate(
         return verify_step(target, cache, seqs, propose() if tree is None else tree, sampling, counters,
                            want_features, keep)
 
+    if fixed and past_key_values is None:
+        session = sessions.kept(model, input_ids, mask, max_new, len(COUNTERS))
+    else:
+        session = sessions.Session.fresh(input_ids, mask, max_new, len(COUNTERS), past_key_values)
+    seqs, cache, counters = session.seqs, session.cache, session.counters
     try:
         with features.capture(model, want_features) as captured:
             passes, last = prefill(model, cache, input_ids, seqs.start, begin=cache.get_seq_length())
         stats.target_forwards += passes
         if captured:
-            seqs.write_features(torch.zeros_like(seqs.end), torch.cat(captured, 1), torch.full_like(seqs.end, width))
+            seqs.write_prompt_features(torch.cat(captured, 1))
         # The prompt's pass already gives the first token, as in plain decoding: the bonus token of a tree
         # with nothing drafted. Trees grow from it.
         first = verify(Tree.root_only(seqs.last), last[:, None], sampling, seqs.generated[:, None],
                        seqs.end[:, None]).tokens[:, 0]
         seqs.append(first[:, None], torch.ones_like(first))
-        seqs.finished |= (seqs.end >= seqs.limit) | sampling.is_eos(first)
+        seqs.finished |= (seqs.end >= seqs.stop) | sampling.is_eos(first)
         counters[COUNTERS.index("new_tokens")] += batch
-        if fast_path or compile or graphs.enabled:  # fixed shapes: rows' cached columns end before the limit
+        if fixed:  # rows' cached columns end before the limit
             cache.hold(seqs.limit)
         if drafter is not None:
             drafter.begin(model, seqs, sampling)
+        # What a captured step depends on besides the session's buffers; a drafter whose drafting is captured
+        # says (None: its graphs are captured anew in every call).
+        drafted = ("none",) if drafter is None else drafter.graph_key() if fixed_nodes is not None else ("input",)
+        recipe = None if drafted is None else (drafted, sampling, compile, want_features)
+        graphs = StepGraphs(enabled=graphs_on, on_failure=fall_back, captured=session.captured(recipe))
         if streamer is not None:
             streamer.put(input_ids.cpu())
             streamer.put(first.cpu())
@@ -337,6 +347,7 @@ def generate(
         if streamer is not None:
             streamer.end()
     finally:
+        session.busy = False
         if drafter is not None:
             drafter.end()
     for name, value in zip(COUNTERS, counters.tolist()):

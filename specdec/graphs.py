@@ -9,9 +9,9 @@ Per tree shape: the first step runs eagerly on a side stream (which compiles the
 cuBLAS and the caching allocator, and is a real step), the second is captured and replayed, and so is
 every later one; only the tree is copied into the graph's input buffers. A graph records buffer
 addresses, so the caller's key holds what moves them (``generate.graph_key``: the buffers' sizes, which
-only grow). A step that cannot be captured (a model whose forward reads the device, say) is run eagerly
-instead, after the caller's ``on_failure`` (the loop lets go of the fixed shapes there); graphs are off for
-the rest of the call, and a warning says why, once.
+only grow; and, for graphs kept between calls, :func:`addresses`). A step that cannot be captured (a model
+whose forward reads the device, say) is run eagerly instead, after the caller's ``on_failure`` (the loop
+lets go of the fixed shapes there); graphs are off for the rest of the call, and a warning says why, once.
 """
 
 from __future__ import annotations
@@ -36,6 +36,19 @@ def say_once(message: str) -> None:
 TREE_TENSORS = ("tokens", "parents", "valid", "draft_probs")
 
 
+def addresses(*things) -> tuple:
+    """Where the tensors in ``things`` (tensors, modules, lists of tensors) live, with their shapes: what a
+    step captured in a CUDA graph recorded of them. Equal for two calls, the step replays correctly in both."""
+    found = []
+    for thing in things:
+        if isinstance(thing, torch.nn.Module):
+            tensors = [*thing.parameters(), *thing.buffers()]
+        else:
+            tensors = thing if isinstance(thing, (list, tuple)) else [thing]
+        found += [(x.data_ptr(), x.dtype, tuple(x.shape), x.stride()) for x in tensors]
+    return tuple(found)
+
+
 def _inputs(tree: Tree) -> Tree:
     """Fresh copies of the tree's tensors, to become the graph's input buffers."""
     return replace(tree, **{name: getattr(tree, name).clone() for name in TREE_TENSORS
@@ -53,23 +66,23 @@ def _end_generator_capture() -> None:
 class StepGraphs:
     """Runs ``step(tree)``, replaying a graph captured for ``key`` where one exists. ``tree`` is copied into
     the graph's input buffers; with ``tree=None`` the step drafts its own tree (a drafter whose ``propose``
-    is device work alone), and drafting is captured with verification."""
+    is device work alone), and drafting is captured with verification. ``captured`` holds the graphs (None
+    for a key warmed up but not captured yet); a caller keeps it to replay them in a later call."""
 
-    def __init__(self, enabled: bool, on_failure: Callable[[], None] = lambda: None):
+    def __init__(self, enabled: bool, on_failure: Callable[[], None] = lambda: None, captured: dict | None = None):
         self.enabled = enabled
         self.on_failure = on_failure
-        self._graphs: dict = {}
-        self._warm: set = set()
+        self.captured = {} if captured is None else captured
 
     def run(self, step: Callable[[Tree | None], tuple], key: tuple, tree: Tree | None = None) -> tuple:
         if not self.enabled:
             return step(tree)
-        if key not in self._graphs:
-            if key not in self._warm:
-                self._warm.add(key)
+        if self.captured.get(key) is None:
+            if key not in self.captured:
+                self.captured[key] = None
                 return self._eager_on_side_stream(step, tree)
             try:
-                self._graphs[key] = self._capture(step, tree)
+                self.captured[key] = self._capture(step, tree)
             except Exception as error:  # noqa: BLE001 - any capture failure means: run without graphs
                 _end_generator_capture()
                 self.enabled = False
@@ -77,7 +90,7 @@ class StepGraphs:
                          f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); using the dynamic path.")
                 self.on_failure()
                 return step(tree)
-        graph, inputs, outputs = self._graphs[key]
+        graph, inputs, outputs = self.captured[key]
         if inputs is not None:
             for name in TREE_TENSORS:
                 if getattr(inputs, name) is not None:

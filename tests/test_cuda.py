@@ -132,6 +132,36 @@ def test_steps_replay_captured_graphs(monkeypatch, kind, path):
     assert out.stats.target_forwards == 1 + out.stats.steps  # the prompt's pass, then one per counted step
 
 
+@pytest.mark.parametrize("kind,path", [("none", "graphs"), ("lookup", "graphs"), ("assistant", "graphs"),
+                                       ("medusa", "graphs"), ("eagle", "graphs"), ("eagle", "compiled")])
+def test_later_calls_replay_steps_captured_before(monkeypatch, kind, path):
+    """A later call with prompts of another width and length replays every step from the graphs the first
+    call captured (``specdec.session``): no warm-up and no capture, and the same text as ``generate``. The
+    draft model is passed as ``assistant_model``, so a new drafter object drafts in each call."""
+    from specdec import graphs
+
+    replays, captures = [], []
+    real_replay, real_capture = torch.cuda.CUDAGraph.replay, graphs.StepGraphs._capture
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: replays.append(1) or real_replay(self))
+    monkeypatch.setattr(graphs.StepGraphs, "_capture", staticmethod(lambda *a: captures.append(1) or real_capture(*a)))
+    model = tiny("llama")
+    draft = perturbed(model).to("cuda")
+    model.to("cuda")
+    drafter = {"none": lambda: {}, "lookup": lambda: {"prompt_lookup_num_tokens": 4},
+               "assistant": lambda: {"assistant_model": draft},
+               "medusa": lambda: {"drafter": heads.Medusa(heads.MedusaHeads(model, num_heads=3))},
+               "eagle": lambda: {"drafter": heads.Eagle(heads.EagleHead(model), 3, 4, 12)}}[kind]()
+    for call, (width, new) in enumerate([(9, 40), (13, 30), (6, 48)]):
+        ids, mask = [t.cuda() for t in prompts(2, width, call)]
+        expected = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new, eos_token_id=None)
+        replays.clear(), captures.clear()
+        out = specdec.generate(model, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=None,
+                               return_dict_in_generate=True, **drafter, **PATHS[path])
+        assert torch.equal(out.sequences, expected), f"call {call}"
+        if call:
+            assert not captures and out.stats.steps <= len(replays) <= out.stats.steps + 1, f"call {call}"
+
+
 def test_uncapturable_model_falls_back_and_says_so_once(monkeypatch):
     """A forward that reads the device cannot be captured: the call still matches ``generate``, on the
     dynamic path, and the warning comes once, not per call."""
@@ -158,7 +188,8 @@ def test_uncapturable_model_falls_back_and_says_so_once(monkeypatch):
 def test_sampling_on_gpu_matches_target_distribution(monkeypatch, kind, path):
     """The chi-square test of tests/test_sampling.py, on a GPU, one token later: the second step is the
     first one replayed from a graph, so tokens 2-3 (given the most frequent first token) are tested; random
-    numbers drawn inside a replayed graph must be fresh at every replay."""
+    numbers drawn inside a replayed graph must be fresh at every replay. A second call replays from its
+    first step the graphs the first one captured, and is tested the same way."""
     import test_sampling as ts
 
     replays = []
@@ -168,10 +199,21 @@ def test_sampling_on_gpu_matches_target_distribution(monkeypatch, kind, path):
     gpu_target = copy.deepcopy(target).cuda()  # ``target`` stays on the CPU for the exact distribution
     torch.manual_seed(0)
     drafter = ts.make_drafter(kind, gpu_target, draft.cuda())
+    options = dict(drafter=drafter, do_sample=True, max_new_tokens=3, eos_token_id=None, pad_token_id=0,
+                   return_dict_in_generate=True, **PATHS[path], **ts.SETTINGS[0])
     torch.manual_seed(0)
-    out = specdec.generate(gpu_target, ts.PROMPT.repeat(ts.ROWS, 1).cuda(), drafter=drafter, do_sample=True,
-                           max_new_tokens=3, eos_token_id=None, pad_token_id=0, return_dict_in_generate=True,
-                           **PATHS[path], **ts.SETTINGS[0])
+    out = specdec.generate(gpu_target, ts.PROMPT.repeat(ts.ROWS, 1).cuda(), **options)
+    assert (len(replays) > 0) == (path != "dynamic")
+    check_distribution(ts, target, out)
+    # Again, in the buffers the first call left: every step now replays a graph that call captured.
+    replays.clear()
+    out = specdec.generate(gpu_target, ts.PROMPT.repeat(ts.ROWS, 1).cuda(), **options)
+    if path != "dynamic":
+        assert len(replays) >= out.stats.steps
+    check_distribution(ts, target, out)
+
+
+def check_distribution(ts, target, out):
     new = out.sequences[:, ts.PROMPT.shape[1]:].cpu()
     assert ts.chi2_pvalue(new[:, :2].numpy(), ts.exact_joint(target, ts.SETTINGS[0])) > 1e-3
     first = new[:, 0].mode().values
@@ -180,7 +222,6 @@ def test_sampling_on_gpu_matches_target_distribution(monkeypatch, kind, path):
     prompt = torch.cat([ts.PROMPT, first.view(1, 1)], 1)
     assert ts.chi2_pvalue(given, ts.exact_joint(target, ts.SETTINGS[0], prompt)) > 1e-3
     assert out.stats.accepted_tokens > 0.05 * ts.ROWS
-    assert (len(replays) > 0) == (path != "dynamic")
 
 
 def test_bench_counts_forwards_replayed_from_graphs():

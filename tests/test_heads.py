@@ -58,8 +58,7 @@ def test_engine_stores_the_target_features_of_every_accepted_token(arch):
 def first_proposal(drafter, model, ids):
     """Prefill the target as generate does, then one proposal for the prompt ``ids`` (1, W)."""
     seqs = Sequences.from_prompt(ids, torch.ones_like(ids), 64)
-    seqs.write_features(torch.zeros(1, dtype=torch.long), target_features(model, ids[0])[None, :-1],
-                        torch.tensor([ids.shape[1] - 1]))
+    seqs.write_prompt_features(target_features(model, ids[0])[None, :-1])
     drafter.begin(model, seqs, Sampling.from_config(model.generation_config))
     return drafter.propose(seqs), seqs
 

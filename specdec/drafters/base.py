@@ -47,5 +47,12 @@ class Drafter:
     def propose(self, seqs: Sequences) -> Tree:
         raise NotImplementedError
 
+    def graph_key(self) -> tuple | None:
+        """For a drafter with ``fixed_nodes``, asked after ``begin``: what its captured ``propose`` depends on,
+        its settings and ``graphs.addresses`` of every tensor it reads or writes. A later call whose key is
+        equal replays the steps captured before (their buffers must then still be where they were: keep
+        per-call state across calls, as ``cache.kept_cache`` does). None, the default: capture anew each call."""
+        return None
+
     def end(self) -> None:
         """Release per-call state (caches) once the call ends, normally or not."""

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..cache import TreeCache
+from ..cache import kept_cache
 from ..forward import Prefix, check_model, extend_chains, forward_nodes, prefill
+from ..graphs import addresses
 from ..sampling import Sampling
 from ..sequences import Sequences
 from ..tree import Tree
@@ -24,7 +25,8 @@ class DraftModel(Drafter):
     held at (the sequence limit) and are dropped after each step, and the accepted ones re-enter with the
     next step's first forward pass, as wide as the most tokens a row can have accepted. So nothing needs
     rolling back, that pass costs about what a one-token pass would, and nothing is measured on the host:
-    ``propose`` is device work alone (``Drafter.fixed_nodes``), captured with verification on a GPU.
+    ``propose`` is device work alone (``Drafter.fixed_nodes``), captured with verification on a GPU. The
+    cache is the one ``model`` kept from its last call (``cache.kept_cache``), so steps captured then replay.
     """
 
     def __init__(self, model, num_draft_tokens: int = 5, tree_width: int = 1):
@@ -33,7 +35,6 @@ class DraftModel(Drafter):
         self.model = model
         self.num_draft_tokens = num_draft_tokens
         self.tree_width = tree_width
-        self.cache = None
 
     @property
     def fixed_nodes(self) -> int:
@@ -61,14 +62,14 @@ class DraftModel(Drafter):
 
     def begin(self, target, seqs: Sequences, sampling: Sampling) -> None:
         super().begin(target, seqs, sampling)
-        self.cache = TreeCache(seqs.tokens.shape[1])
+        self.cache = kept_cache(self.model, seqs.end.shape[0], seqs.tokens.shape[1], seqs.end.device)
         width = seqs.prompt_length
         self.forwards += prefill(self.model, self.cache, seqs.tokens[:, : width - 1], seqs.start)[0]
-        self.cached_end = torch.full_like(seqs.end, width - 1)
+        self.cache.ends.fill_(width - 1)  # the draft's cached tokens end there
         self.cache.hold(seqs.limit)
 
-    def end(self) -> None:
-        self.cache = None
+    def graph_key(self) -> tuple:
+        return "draft model", self.num_draft_tokens, self.tree_width, addresses(self.model, self.cache.tensors())
 
     def _probs(self, logits, seqs: Sequences, depth) -> torch.Tensor:
         # Greedy drafting still needs the draft's full distribution to rank its top-k children.
@@ -81,12 +82,13 @@ class DraftModel(Drafter):
 
         # Catch up on the tokens accepted since the last step (the root included): a whole path of the last
         # tree and its bonus token at most (2 tokens after the prompt), none once a row has finished.
-        count = seqs.end - self.cached_end
+        cached_end = self.cache.ends
+        count = seqs.end - cached_end
         new = torch.arange(self.num_draft_tokens + 1, device=dev)
-        cols = (self.cached_end[:, None] + new).clamp(max=seqs.tokens.shape[1] - 1)
+        cols = (cached_end[:, None] + new).clamp(max=seqs.tokens.shape[1] - 1)
         logits = extend_chains(self.model, self.cache, seqs.tokens.gather(1, cols), count,
-                               Prefix(seqs.start, self.cached_end))
-        self.cached_end.copy_(seqs.end)
+                               Prefix(seqs.start, cached_end))
+        cached_end.copy_(seqs.end)
 
         root_probs = self._probs(logits[rows, count - 1][:, None], seqs, 0)  # (B, 1, V)
         tokens = [seqs.last[:, None]]

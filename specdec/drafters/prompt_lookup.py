@@ -35,6 +35,9 @@ class PromptLookup(Drafter):
     def fixed_nodes(self) -> int:
         return 1 + self.tree_width * self.num_draft_tokens
 
+    def graph_key(self) -> tuple:
+        return "prompt lookup", self.num_draft_tokens, self.max_ngram, self.min_ngram, self.tree_width
+
     def propose(self, seqs: Sequences) -> Tree:
         keys = match_keys(seqs.tokens, seqs.start, seqs.end, self.min_ngram, self.max_ngram, self.num_draft_tokens)
         conts = continuations(seqs.tokens, seqs.end, keys, self.num_draft_tokens, 4 * self.tree_width)

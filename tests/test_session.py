@@ -1,0 +1,148 @@
+"""What ``generate`` keeps of a model between calls on the fixed-shape path (``specdec.session``): later calls
+start from a clean state in the same buffers, so steps captured in an earlier call can replay in them. On a
+CPU there are no graphs; ``fast_path=True`` runs the same buffers and recipes (tests/test_cuda.py replays)."""
+
+import gc
+
+import pytest
+import torch
+
+import specdec
+from specdec import session as sessions
+from models import perturbed, prompts, tiny
+from test_greedy import make_drafter
+
+KINDS = ["none", "draft_tree", "lookup_tree", "medusa", "eagle"]
+
+
+def buffers(model):
+    kept = sessions._sessions[model]
+    return [x.data_ptr() for x in [kept.seqs.tokens, kept.counters, *kept.cache.tensors()]]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_later_calls_reuse_the_buffers_and_start_clean(kind):
+    """Prompts of other widths and lengths in the same buffers, each as ``generate`` gives it; the same call
+    again counts the same statistics (nothing carried over) and the drafter's graph key does not move."""
+    target = tiny("llama")
+    drafter = make_drafter(kind, target)
+    calls = [(2, 5, 24, 0), (2, 11, 16, 1), (2, 7, 30, 2), (2, 5, 24, 0)]
+    stats, kept, keys = [], [], set()
+    for batch, width, new, seed in calls:
+        ids, mask = prompts(batch, width, seed)
+        out = specdec.generate(target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=new,
+                               fast_path=True, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new))
+        stats.append((out.stats.steps, out.stats.accepted_tokens, out.stats.new_tokens, out.stats.draft_forwards))
+        kept.append(buffers(target))
+        keys.add(None if drafter is None else drafter.graph_key())
+    assert stats[0] == stats[-1]
+    assert all(k == kept[0] for k in kept)
+    assert len(keys) == 1 and len(sessions._sessions[target].recipes) == 1
+
+
+def test_recipes_tell_apart_what_the_steps_depend_on():
+    """One recipe per drafter setting and sampling setting, the same for a drafter made anew per call (the
+    draft model keeps its cache), at most MAX_RECIPES of them."""
+    target = tiny("llama")
+    draft = perturbed(target)
+    ids, mask = prompts(1, 6, 0)
+
+    def run(**options):
+        specdec.generate(target, ids, attention_mask=mask, max_new_tokens=6, fast_path=True, **options)
+        return len(sessions._sessions[target].recipes)
+
+    assert run(assistant_model=draft) == run(assistant_model=draft) == 1
+    assert run(drafter=specdec.DraftModel(draft, num_draft_tokens=2)) == 2
+    assert run(prompt_lookup_num_tokens=3) == run(prompt_lookup_num_tokens=3) == 3
+    assert run(prompt_lookup_num_tokens=3, do_sample=True) == 4
+    assert run(prompt_lookup_num_tokens=3, min_new_tokens=2) == 5
+    for n in range(4, 4 + sessions.MAX_RECIPES):
+        run(prompt_lookup_num_tokens=n)
+    assert len(sessions._sessions[target].recipes) == sessions.MAX_RECIPES
+
+
+def test_a_call_that_does_not_fit_replaces_the_buffers():
+    target = tiny("qwen2")
+    ids, mask = prompts(2, 6, 0)
+    specdec.generate(target, ids, attention_mask=mask, max_new_tokens=8, fast_path=True)
+    first = sessions._sessions[target]
+    assert first.seqs.limit == sessions.ROUND
+    specdec.generate(target, ids, attention_mask=mask, max_new_tokens=sessions.ROUND, fast_path=True)
+    assert sessions._sessions[target].seqs.limit == 2 * sessions.ROUND
+    ids, mask = prompts(3, 6, 1)
+    got = specdec.generate(target, ids, attention_mask=mask, max_new_tokens=8, fast_path=True)
+    assert sessions._sessions[target].seqs.tokens.shape[0] == 3
+    assert torch.equal(got, target.generate(ids, attention_mask=mask, max_new_tokens=8))
+
+
+def test_a_call_inside_a_running_one_gets_buffers_of_its_own():
+    """A streamer that generates with the same model while the outer call runs must not write into the outer
+    call's buffers (it did, before calls marked their session busy)."""
+    target = tiny("llama")
+    ids, _ = prompts(1, 6, 2)
+    inner_ids, _ = prompts(1, 9, 3)
+    inner = []
+
+    class Nested:
+        def put(self, value):
+            inner.append(specdec.generate(target, inner_ids, prompt_lookup_num_tokens=3, max_new_tokens=5,
+                                          fast_path=True))
+
+        def end(self):
+            pass
+
+    got = specdec.generate(target, ids, prompt_lookup_num_tokens=3, max_new_tokens=12, fast_path=True,
+                           streamer=Nested())
+    assert torch.equal(got, target.generate(ids, max_new_tokens=12))
+    assert all(torch.equal(x, target.generate(inner_ids, max_new_tokens=5)) for x in inner)
+    assert not sessions._sessions[target].busy
+
+
+def test_release_and_deleting_the_model_free_what_is_kept():
+    target = tiny("llama")
+    draft = perturbed(target)
+    ids, mask = prompts(1, 6, 0)
+    specdec.generate(target, ids, attention_mask=mask, assistant_model=draft, max_new_tokens=6, fast_path=True)
+    assert target in sessions._sessions and draft in specdec.cache._kept
+    specdec.release(target)
+    specdec.release(draft)
+    assert target not in sessions._sessions and draft not in specdec.cache._kept
+    specdec.generate(target, ids, attention_mask=mask, max_new_tokens=6, fast_path=True)
+    count = len(sessions._sessions)
+    del target
+    gc.collect()
+    assert len(sessions._sessions) == count - 1
+
+
+def test_an_error_mid_call_leaves_the_session_free():
+    target = tiny("llama")
+    ids, mask = prompts(1, 6, 0)
+
+    class Broken(specdec.PromptLookup):
+        def propose(self, seqs):
+            raise RuntimeError("drafter failed")
+
+    with pytest.raises(RuntimeError, match="drafter failed"):
+        specdec.generate(target, ids, attention_mask=mask, drafter=Broken(3), max_new_tokens=6, fast_path=True)
+    assert not sessions._sessions[target].busy
+    got = specdec.generate(target, ids, attention_mask=mask, prompt_lookup_num_tokens=3, max_new_tokens=6,
+                           fast_path=True)
+    assert torch.equal(got, target.generate(ids, attention_mask=mask, max_new_tokens=6))
+
+
+def test_compiled_calls_with_prompts_of_new_lengths_do_not_recompile():
+    """The compiled step's shapes come from the kept buffers, not from the prompt (each new length recompiled
+    it before sessions: 4 to 5 compiles over 5 calls)."""
+    from specdec.bench import _graphs_compiled
+
+    target = tiny("llama")
+    drafter = make_drafter("lookup_tree", target)
+    compiled = []
+    for width, new in [(5, 16), (9, 12), (13, 20), (21, 8)]:
+        ids, mask = prompts(1, width, width)
+        before = _graphs_compiled()
+        got = specdec.generate(target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=new, compile=True)
+        compiled.append(_graphs_compiled() - before)
+        assert torch.equal(got, target.generate(ids, attention_mask=mask, max_new_tokens=new))
+    assert compiled[0] > 0 and compiled[1:] == [0, 0, 0]
