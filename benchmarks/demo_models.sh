@@ -8,7 +8,8 @@
 #   bash benchmarks/demo_models.sh collect     # copies logs and finished results to $OUT
 # EMBEDDED_CONFIG / GPU_CONFIG choose other configs and EMBEDDED_ARGS / GPU_ARGS / BENCH_ARGS add arguments, for
 # a smoke test on a CPU: EMBEDDED_CONFIG=tiny GPU_CONFIG=tiny EMBEDDED_ARGS="--steps 20 --heads-steps 5" ...
-# EMBEDDED_CONFIG=none skips the embedded models. Two trainings at once share the GPU by time-slicing: on an H100
+# EMBEDDED_CONFIG=none skips the embedded models. TABLES picks the tables and their order (default
+# "bf16 bf16-compiled fp32"; "bf16-greedy" is bf16 without sampling). Two trainings at once share the GPU by time-slicing: on an H100
 # (2026-11-24) head training then ran at only 6-10 steps/s, and the whole run outlasted a 30-minute lease.
 set -uo pipefail
 W=${WORK:-/root/specdec-work}
@@ -32,9 +33,14 @@ run() {
       && tar -C "$W/embedded" --exclude corpus.json -czf "$W/embedded.tgz" . ) &
   python3 -m specdec.pretrain --config "${GPU_CONFIG:-gpu}" --out "$W/gpu" ${GPU_ARGS:---compile} >"$W/gpu.log" 2>&1
   wait
-  bench bench-bf16 --dtype bfloat16
-  bench bench-bf16-compiled --dtype bfloat16 --modes greedy --compiled --only "${COMPILED[@]}"
-  bench bench-fp32 --dtype float32 --modes greedy
+  for table in ${TABLES:-bf16 bf16-compiled fp32}; do
+    case $table in
+      bf16) bench bench-bf16 --dtype bfloat16 ;;
+      bf16-greedy) bench bench-bf16 --dtype bfloat16 --modes greedy ;;
+      bf16-compiled) bench bench-bf16-compiled --dtype bfloat16 --modes greedy --compiled --only "${COMPILED[@]}" ;;
+      fp32) bench bench-fp32 --dtype float32 --modes greedy ;;
+    esac
+  done
   touch "$W/done"
 }
 
