@@ -15,11 +15,11 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from . import features
+from . import session as sessions
 from .drafters.base import Drafter, require_positive
 from .drafters.draft_model import DraftModel
 from .drafters.prompt_lookup import PromptLookup
 from .forward import Prefix, check_model, forward_nodes, prefill
-from . import session as sessions
 from .graphs import StepGraphs
 from .output import SpeculativeOutput, Stats
 from .sampling import Sampling

@@ -136,6 +136,7 @@ def test_compiled_calls_with_prompts_of_new_lengths_do_not_recompile():
     it before sessions: 4 to 5 compiles over 5 calls)."""
     from specdec.bench import _graphs_compiled
 
+    torch._dynamo.reset()  # nothing compiled by earlier tests
     target = tiny("llama")
     drafter = make_drafter("lookup_tree", target)
     compiled = []

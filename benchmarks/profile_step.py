@@ -1,0 +1,72 @@
+"""Where a fast-path step's GPU time goes, per drafter: kernels by total time over one ``generate`` call, per step.
+
+Random-weight models shaped as ``specdec.pretrain``'s ``gpu`` recipe (a 197M target, a 12.6M draft, Medusa
+and EAGLE heads on the target): cost does not depend on the weights, only the steps' count does, so each
+drafter is given ``--steps`` steps' worth of tokens and times are reported per step. bf16, batch 1, greedy.
+
+    python benchmarks/profile_step.py --out profile.json [--top 12] [--new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import specdec
+from specdec import heads
+
+SHAPES = {
+    "target": dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4,
+                   intermediate_size=2816),
+    "draft": dict(hidden_size=384, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
+                  intermediate_size=1024),
+}
+
+
+def model(shape: str):
+    config = LlamaConfig(vocab_size=16384, max_position_embeddings=2048, **SHAPES[shape])
+    return LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    target, draft = model("target"), model("draft")
+    drafters = {"no drafter": None, "prompt lookup": specdec.PromptLookup(10),
+                "draft model": specdec.DraftModel(draft, num_draft_tokens=6),
+                "medusa": heads.Medusa(heads.MedusaHeads(target, num_heads=4)),
+                "eagle": heads.Eagle(heads.EagleHead(target))}
+    ids = torch.randint(16384, (1, 100), device="cuda")
+    rows = []
+    for name, drafter in drafters.items():
+        options = dict(drafter=drafter, max_new_tokens=args.new_tokens, eos_token_id=None,
+                       return_dict_in_generate=True)
+        specdec.generate(target, ids, **options)  # captures; the profiled call replays
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            out = specdec.generate(target, ids, **options)
+            torch.cuda.synchronize()
+        steps = out.stats.steps
+        kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
+        total = sum(e.self_device_time_total for e in kernels)
+        top = sorted(kernels, key=lambda e: -e.self_device_time_total)[: args.top]
+        row = {"drafter": name, "steps": steps, "gpu_ms_per_step": round(total / 1e3 / steps, 3),
+               "kernels_per_step": round(sum(e.count for e in kernels) / steps, 1),
+               "top": [{"kernel": e.key[:90], "ms_per_step": round(e.self_device_time_total / 1e3 / steps, 4),
+                        "per_step": round(e.count / steps, 1)} for e in top]}
+        rows.append(row)
+        print(json.dumps(row, indent=1), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
