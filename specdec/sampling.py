@@ -114,8 +114,8 @@ class Sampling:
     def children(self, probs: torch.Tensor, k: int) -> torch.Tensor:
         """``k`` children for each distribution in ``probs`` (..., V): the ``k`` most likely tokens when greedy,
         ``k`` i.i.d. draws when sampling, as SpecInfer's verification of sibling drafts requires."""
-        if not self.do_sample:
-            return probs.topk(k, dim=-1).indices
+        if not self.do_sample:  # top-1 as an argmax: a reduction, not a radix select over the vocabulary
+            return probs.argmax(-1, keepdim=True) if k == 1 else probs.topk(k, dim=-1).indices
         return self.draw(probs.unsqueeze(-2).expand(*probs.shape[:-1], k, probs.shape[-1]))
 
     @staticmethod
