@@ -1,22 +1,25 @@
 """Where a fast-path step's GPU time goes, per drafter: kernels by total time over one ``generate`` call, per step.
 
-Random-weight models shaped as ``specdec.pretrain``'s ``gpu`` recipe (a 197M target, a 12.6M draft, Medusa
-and EAGLE heads on the target): cost does not depend on the weights, only the steps' count does, so each
-drafter is given ``--steps`` steps' worth of tokens and times are reported per step. bf16, batch 1, greedy.
+By default random-weight models shaped as ``specdec.pretrain``'s ``gpu`` recipe (a 197M target, a 12.6M
+draft, Medusa and EAGLE heads on the target) on a random 100-token prompt, no eos: a kernel's cost does not
+depend on the weights, only the number of steps does, so times are per step. ``--models DIR`` profiles the
+models ``specdec pretrain`` wrote instead (trained heads included), on a held-out prompt with their eos, as
+``specdec bench`` runs them. bf16, batch 1, greedy.
 
-    python benchmarks/profile_step.py --out profile.json [--top 12] [--new-tokens 64]
+    python benchmarks/profile_step.py --out profile.json [--models DIR] [--top 12] [--new-tokens 64]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import specdec
-from specdec import heads
+from specdec import embedded, heads
 
 SHAPES = {
     "target": dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4,
@@ -31,25 +34,49 @@ def model(shape: str):
     return LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--top", type=int, default=12)
-    parser.add_argument("--out")
-    args = parser.parse_args()
+def random_models():
+    """The target, its drafters, a prompt and generation options, all random: no eos, so every call runs
+    ``--new-tokens`` tokens."""
     torch.manual_seed(0)
     target, draft = model("target"), model("draft")
     drafters = {"no drafter": None, "prompt lookup": specdec.PromptLookup(10),
                 "draft model": specdec.DraftModel(draft, num_draft_tokens=6),
                 "medusa": heads.Medusa(heads.MedusaHeads(target, num_heads=4)),
                 "eagle": heads.Eagle(heads.EagleHead(target))}
-    ids = torch.randint(16384, (1, 100), device="cuda")
+    return target, drafters, torch.randint(16384, (1, 100), device="cuda"), dict(eos_token_id=None)
+
+
+def trained_models(path: str):
+    """The models in ``path`` with the drafters ``specdec bench`` builds for them (6 draft tokens, 10 lookup
+    tokens), a held-out prompt and the tokenizer's pad token."""
+    models = embedded.load(path, device="cuda", dtype=torch.bfloat16)
+    drafters = {"no drafter": None, "prompt lookup": specdec.PromptLookup(10)}
+    if models.draft is not None:
+        drafters["draft model"] = specdec.DraftModel(models.draft, num_draft_tokens=6)
+    for kind in ("medusa", "eagle"):
+        if getattr(models, kind) is not None:
+            drafters[kind] = heads.load(getattr(models, kind), models.target)
+    ids = models.tokenizer(models.prompts(1)[0], return_tensors="pt")["input_ids"].cuda()
+    return models.target, drafters, ids, dict(pad_token_id=models.tokenizer.pad_token_id)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    target, drafters, ids, settings = trained_models(args.models) if args.models else random_models()
     rows = []
     for name, drafter in drafters.items():
-        options = dict(drafter=drafter, max_new_tokens=args.new_tokens, eos_token_id=None,
-                       return_dict_in_generate=True)
-        specdec.generate(target, ids, **options)  # captures; the profiled call replays
+        options = dict(drafter=drafter, max_new_tokens=args.new_tokens, return_dict_in_generate=True, **settings)
+        specdec.generate(target, ids, **options)  # captures; the timed and profiled calls replay
         torch.cuda.synchronize()
+        start = time.perf_counter()
+        specdec.generate(target, ids, **options)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             out = specdec.generate(target, ids, **options)
             torch.cuda.synchronize()
@@ -57,7 +84,8 @@ def main() -> None:
         kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
         total = sum(e.self_device_time_total for e in kernels)
         top = sorted(kernels, key=lambda e: -e.self_device_time_total)[: args.top]
-        row = {"drafter": name, "steps": steps, "gpu_ms_per_step": round(total / 1e3 / steps, 3),
+        row = {"drafter": name, "steps": steps, "wall_ms_per_step": round(1e3 * wall / steps, 3),
+               "gpu_ms_per_step": round(total / 1e3 / steps, 3),
                "kernels_per_step": round(sum(e.count for e in kernels) / steps, 1),
                "top": [{"kernel": e.key[:90], "ms_per_step": round(e.self_device_time_total / 1e3 / steps, 4),
                         "per_step": round(e.count / steps, 1)} for e in top]}
