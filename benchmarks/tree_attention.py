@@ -19,12 +19,13 @@ CUDA graphs sees them. ``kernel launched ms`` is the same kernel called from Pyt
 the kernel must move (K, V, Q and the output); ``of copy`` compares it with the copy's read+write
 bandwidth. Rows go to stdout as a Markdown table and, with ``--out``, to a JSON file after every row.
 
-    python benchmarks/tree_attention.py --out results.json [--P 512 2048] [--T 8 32] [--sweep]
+    python benchmarks/tree_attention.py --out results.json [--P 512 2048] [--T 8 32] [--sweep [--graph]]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -197,35 +198,41 @@ def markdown(rows) -> str:
 SWEEP_SHAPES = [(8192, 32), (32768, 8), (32768, 32), (32768, 128), (131072, 8), (131072, 64)]
 
 
-def sweep(device: str) -> list[dict]:
-    """Time tile sizes, pipelining and the prefix split on representative shapes; ``launch_config`` and the
-    split constants of ``kernels/tree_attention.py`` come from this."""
+def sweep(device: str, shapes, graph: bool = False) -> list[dict]:
+    """Time tile sizes, warps, pipelining and the prefix split on representative shapes; ``launch_config`` and
+    the split constants of ``kernels/tree_attention.py`` come from this. Launch-timed, or with ``graph`` as the
+    table times the kernel (CUDA-graph replays over copies that overflow L2): what a short kernel costs inside
+    a captured step, where launch cost would otherwise dominate."""
     saved = kernel.launch_config, kernel.WAVES, kernel.CHUNK_PER_ROW
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     results = []
-    for p, t in SWEEP_SHAPES:
-        args, anc = make_inputs(p, t, device, torch.bfloat16)
+    for p, t in shapes:
+        args, anc = make_inputs(p, t, device, dtype)
+        kv_bytes = 2 * args["k"].numel() * args["k"].element_size()
+        copies = [args] + [make_inputs(p, t, device, dtype, seed)[0]
+                           for seed in range(1, -(-L2_FLUSH_BYTES // kv_bytes) if graph and device == "cuda" else 1)]
         bits = kernel.pack_visibility(anc)
         expected = kernel.reference(**args, visible=anc)
-        for block_n in (64, 128):
-            for stages in (2, 3, 4):
-                for waves in (1, 2, 4):
-                    for per_row in (0, 8, 16, 32):
-                        def config(head_dim, rows, dtype, bn=block_n, s=stages):
-                            return dict(saved[0](head_dim, rows, dtype), BLOCK_N=bn, num_stages=s)
-                        kernel.launch_config, kernel.WAVES, kernel.CHUNK_PER_ROW = config, waves, per_row
-                        err = None
-                        try:
-                            err = (kernel.tree_attention(**args, bits=bits).double() - expected).abs().max().item()
-                            ms = bench_launch(lambda: kernel.tree_attention(**args, bits=bits))
-                        except Exception as error:  # a configuration that does not fit: record and go on
-                            ms = type(error).__name__
-                        finally:
-                            kernel.launch_config, kernel.WAVES, kernel.CHUNK_PER_ROW = saved
-                        results.append(dict(P=p, T=t, BLOCK_N=block_n, num_stages=stages, WAVES=waves,
-                                            CHUNK_PER_ROW=per_row, ms=ms, err=err))
+        for block_n, stages, warps, waves, per_row in itertools.product((32, 64, 128), (2, 3, 4), (4, 8), (1, 2, 4),
+                                                                        (0, 8, 16, 32)):
+            def config(head_dim, rows, dtype, bn=block_n, s=stages, w=warps):
+                return dict(saved[0](head_dim, rows, dtype), BLOCK_N=bn, num_stages=s, num_warps=w)
+            kernel.launch_config, kernel.WAVES, kernel.CHUNK_PER_ROW = config, waves, per_row
+            err = None
+            try:
+                err = (kernel.tree_attention(**args, bits=bits).double() - expected).abs().max().item()
+                calls = [lambda a=a: kernel.tree_attention(**a, bits=bits) for a in copies]
+                ms = bench_graph(calls) if graph else bench_launch(calls[0])
+            except Exception as error:  # a configuration that does not fit: record and go on
+                ms = type(error).__name__
+            finally:
+                kernel.launch_config, kernel.WAVES, kernel.CHUNK_PER_ROW = saved
+            results.append(dict(P=p, T=t, BLOCK_N=block_n, num_stages=stages, num_warps=warps, WAVES=waves,
+                                CHUNK_PER_ROW=per_row, ms=ms, err=err))
         timed = [r for r in results if (r["P"], r["T"]) == (p, t) and isinstance(r["ms"], float)]
         print("best", min(timed, key=lambda r: r["ms"]), flush=True)
-        default = dict(BLOCK_N=saved[0](HEAD_DIM, HQ // HKV * t, torch.bfloat16)["BLOCK_N"], num_stages=3,
+        base = saved[0](HEAD_DIM, HQ // HKV * t, dtype)
+        default = dict(BLOCK_N=base["BLOCK_N"], num_stages=base["num_stages"], num_warps=base["num_warps"],
                        WAVES=saved[1], CHUNK_PER_ROW=saved[2])
         print("default", [r for r in timed if all(r[k] == v for k, v in default.items())], flush=True)
     return results
@@ -233,10 +240,12 @@ def sweep(device: str) -> list[dict]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--P", type=int, nargs="+", default=[512, 2048, 8192, 32768, 131072])
-    parser.add_argument("--T", type=int, nargs="+", default=[8, 32, 64, 128])
+    parser.add_argument("--P", type=int, nargs="+")
+    parser.add_argument("--T", type=int, nargs="+")
     parser.add_argument("--out", help="JSON file for the rows (rewritten after each row)")
-    parser.add_argument("--sweep", action="store_true", help="time launch configurations instead")
+    parser.add_argument("--sweep", action="store_true",
+                        help="time launch configurations instead, on --P x --T if given, else on SWEEP_SHAPES")
+    parser.add_argument("--graph", action="store_true", help="with --sweep: time CUDA-graph replays, not launches")
     opts = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch._dynamo.config.recompile_limit = 1000
@@ -244,7 +253,8 @@ def main():
             "triton": triton.__version__, "date": time.strftime("%Y-%m-%d")}
     print(info, flush=True)
     if opts.sweep:
-        results = sweep(device)
+        shapes = list(itertools.product(opts.P, opts.T)) if opts.P and opts.T else SWEEP_SHAPES
+        results = sweep(device, shapes, opts.graph)
         if opts.out:
             with open(opts.out, "w") as f:
                 json.dump({"info": info, "sweep": results}, f, indent=1)
@@ -259,8 +269,8 @@ def main():
     info["copy_GBps"] = copy_bandwidth(device)
     print(f"device-to-device copy: {info['copy_GBps']:.0f} GB/s (read + write)", flush=True)
     rows = []
-    for p in opts.P:
-        for t in opts.T:
+    for p in opts.P or [512, 2048, 8192, 32768, 131072]:
+        for t in opts.T or [8, 32, 64, 128]:
             rows.append(run_row(p, t, device, flex, info["copy_GBps"]))
             print(json.dumps(rows[-1]), flush=True)
             if opts.out:
