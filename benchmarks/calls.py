@@ -18,22 +18,22 @@ import time
 import torch
 
 import specdec
-from specdec import bench, embedded, graphs
+from specdec import bench, embedded, session
 
 
-def timed(run, ids, mask, **options) -> tuple[float, int, int]:
-    """Seconds, new tokens and steps captured of one call."""
-    captured = []
-    real = graphs.StepGraphs.__dict__["_capture"]  # the staticmethod itself, to put back
-    graphs.StepGraphs._capture = staticmethod(lambda *a: captured.append(1) or real.__func__(*a))
-    try:
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        sequences, _ = run(ids, mask, **options)
-        torch.cuda.synchronize()
-        return time.perf_counter() - start, sequences.shape[1] - ids.shape[1], len(captured)
-    finally:
-        graphs.StepGraphs._capture = real
+def captured(model) -> int:
+    """Steps captured as CUDA graphs and kept for ``model`` (``specdec.session``) so far."""
+    kept = session._sessions.get(model)
+    return 0 if kept is None else sum(g is not None for graphs in kept.recipes.values() for g in graphs.values())
+
+
+def timed(run, ids, mask, **options) -> tuple[float, int]:
+    """Seconds and new tokens of one call."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    sequences, _ = run(ids, mask, **options)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, sequences.shape[1] - ids.shape[1]
 
 
 def main() -> None:
@@ -61,9 +61,10 @@ def main() -> None:
                 if models.draft is not None:
                     specdec.release(models.draft)
                 times["released"].append(timed(strategy.run, x["input_ids"], x["attention_mask"], **options)[0])
-                seconds, n, c = timed(strategy.run, x["input_ids"], x["attention_mask"], **options)
+                before = captured(models.target)
+                seconds, n = timed(strategy.run, x["input_ids"], x["attention_mask"], **options)
                 times["kept"].append(seconds)
-                tokens, captures = tokens + n, captures + c
+                tokens, captures = tokens + n, captures + captured(models.target) - before
             row = {"strategy": strategy.name, "max_new_tokens": new, "tokens": tokens,
                    "graphs_captured_by_kept_calls": captures}
             for name, values in times.items():

@@ -112,7 +112,7 @@ class Eagle(Drafter):
 
     def begin(self, target, seqs: Sequences, sampling: Sampling) -> None:
         super().begin(target, seqs, sampling)
-        self.cache = kept_cache(self.head, seqs.end.shape[0], seqs.tokens.shape[1], seqs.end.device)
+        self.cache = kept_cache(self.head, seqs)
         # Pairs (f_c, x_{c+1}) for every column whose feature is known, except the last: propose feeds it.
         width = max(seqs.prompt_length - 2, 0)
         self.cache.ends.fill_(width)  # the pairs cached end there

@@ -146,7 +146,7 @@ class TreeCache(Cache):
         """(addresses, one K buffer, one V buffer) per group of layers whose buffers share shape, strides
         and dtype: usually one. Remade only when a buffer has moved, which never happens in a captured step
         (the step is keyed by the buffers' sizes, and its first run is eager)."""
-        addresses = tuple((layer._k.data_ptr(), layer._v.data_ptr()) for layer in layers)
+        addresses = tuple(x.data_ptr() for x in self.tensors())
         if self._tables is None or self._tables[0] != addresses:
             from specdec.kernels.compact import address_table
 
@@ -209,14 +209,14 @@ class TreeCache(Cache):
 _kept: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def kept_cache(owner, batch: int, capacity: int, device) -> TreeCache:
-    """The cache ``owner`` (a drafter's model or head) used in its last call, reset, when it fits ``batch``
-    rows on ``device``; else a new one, kept from now on (freed with ``owner``). Its buffers then stay where a
-    step captured in an earlier call recorded them. ``ends`` is (B,), zero."""
+def kept_cache(owner, seqs) -> TreeCache:
+    """The cache ``owner`` (a drafter's model or head) used in its last call, reset, when it fits the rows of
+    ``seqs`` (a ``Sequences``); else a new one with as many columns, kept from now on (freed with ``owner``).
+    Its buffers then stay where a step captured in an earlier call recorded them. ``ends`` is (B,), zero."""
     cache = _kept.get(owner)
-    if cache is None or cache.ends.shape[0] != batch or cache.ends.device != torch.device(device):
-        cache = TreeCache(capacity)
-        cache.ends = torch.zeros(batch, dtype=torch.long, device=device)
+    if cache is None or cache.ends.shape != seqs.end.shape or cache.ends.device != seqs.end.device:
+        cache = TreeCache(seqs.tokens.shape[1])
+        cache.ends = torch.zeros_like(seqs.end)
         _kept[owner] = cache
     cache.reset()
     return cache

@@ -41,13 +41,17 @@ class Session:
     busy: bool = False
 
     @classmethod
-    def fresh(cls, input_ids, attention_mask, max_new_tokens: int, counters: int, past_key_values=None) -> "Session":
-        """Buffers for this call alone: rows as long as it needs, and a new cache (a copy of
-        ``past_key_values``, a checked ``DynamicCache``, when given)."""
-        seqs = Sequences.from_prompt(input_ids, attention_mask, max_new_tokens)
+    def around(cls, seqs: Sequences, counters: int, past_key_values=None, weights: tuple = ()) -> "Session":
+        """A cache as wide as ``seqs`` (a copy of ``past_key_values``, a checked ``DynamicCache``, when given)
+        and ``counters`` zeroed counters on its device."""
         capacity = seqs.tokens.shape[1]
         cache = TreeCache(capacity) if past_key_values is None else TreeCache.from_dynamic(past_key_values, capacity)
-        return cls(seqs, cache, torch.zeros(counters, dtype=torch.long, device=input_ids.device))
+        return cls(seqs, cache, torch.zeros(counters, dtype=torch.long, device=seqs.end.device), weights)
+
+    @classmethod
+    def fresh(cls, input_ids, attention_mask, max_new_tokens: int, counters: int, past_key_values=None) -> "Session":
+        """Buffers for this call alone, rows as long as it needs."""
+        return cls.around(Sequences.from_prompt(input_ids, attention_mask, max_new_tokens), counters, past_key_values)
 
     def captured(self, recipe) -> dict:
         """The graphs kept for ``recipe`` (an empty dict for this call alone when it is None)."""
@@ -73,9 +77,7 @@ def kept(model, input_ids, attention_mask, max_new_tokens: int, counters: int) -
         _sessions.pop(model, None)
         del session  # its buffers and graphs go before the new ones are allocated
         seqs = Sequences.empty(batch, -(-(width + max_new_tokens) // ROUND) * ROUND, input_ids.device)
-        session = _sessions[model] = Session(
-            seqs, TreeCache(seqs.tokens.shape[1]), torch.zeros(counters, dtype=torch.long, device=input_ids.device),
-            weights)
+        session = _sessions[model] = Session.around(seqs, counters, weights=weights)
     session.seqs.fill(input_ids, attention_mask, max_new_tokens)
     session.cache.reset()
     session.counters.zero_()

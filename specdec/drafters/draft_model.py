@@ -62,7 +62,7 @@ class DraftModel(Drafter):
 
     def begin(self, target, seqs: Sequences, sampling: Sampling) -> None:
         super().begin(target, seqs, sampling)
-        self.cache = kept_cache(self.model, seqs.end.shape[0], seqs.tokens.shape[1], seqs.end.device)
+        self.cache = kept_cache(self.model, seqs)
         width = seqs.prompt_length
         self.forwards += prefill(self.model, self.cache, seqs.tokens[:, : width - 1], seqs.start)[0]
         self.cache.ends.fill_(width - 1)  # the draft's cached tokens end there
