@@ -19,7 +19,7 @@ CUDA graphs sees them. ``kernel launched ms`` is the same kernel called from Pyt
 the kernel must move (K, V, Q and the output); ``of copy`` compares it with the copy's read+write
 bandwidth. Rows go to stdout as a Markdown table and, with ``--out``, to a JSON file after every row.
 
-    python benchmarks/tree_attention.py --out results.json [--P 512 2048] [--T 8 32] [--sweep [--graph]]
+    python benchmarks/tree_attention.py --out results.json [--P 512 2048] [--T 8 32] [--sweep [--graph] [--splits 8 16]]
 """
 
 from __future__ import annotations
@@ -198,12 +198,11 @@ def markdown(rows) -> str:
 SWEEP_SHAPES = [(8192, 32), (32768, 8), (32768, 32), (32768, 128), (131072, 8), (131072, 64)]
 
 
-def sweep(device: str, shapes, graph: bool = False) -> list[dict]:
-    """Time tile sizes, warps, pipelining and the prefix split on representative shapes; ``launch_config`` and
-    the split constants of ``kernels/tree_attention.py`` come from this. Launch-timed, or with ``graph`` as the
-    table times the kernel (CUDA-graph replays over copies that overflow L2): what a short kernel costs inside
-    a captured step, where launch cost would otherwise dominate."""
-    saved = kernel.launch_config, kernel.WAVES, kernel.CHUNK_PER_ROW
+def split_sweep(device: str, shapes, splits, graph: bool = False) -> list[dict]:
+    """Time the kernel with the prefix cut into each of ``splits`` programs per KV head (and row blocks of
+    the default height and half of it), the default launch configuration otherwise: how the split count
+    trades programs in flight against per-program work and partials, shape by shape."""
+    saved = kernel.launch_config
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     results = []
     for p, t in shapes:
@@ -213,11 +212,43 @@ def sweep(device: str, shapes, graph: bool = False) -> list[dict]:
                            for seed in range(1, -(-L2_FLUSH_BYTES // kv_bytes) if graph and device == "cuda" else 1)]
         bits = kernel.pack_visibility(anc)
         expected = kernel.reference(**args, visible=anc)
-        for block_n, stages, warps, waves, per_row in itertools.product((32, 64, 128), (2, 3, 4), (4, 8), (1, 2, 4),
-                                                                        (0, 8, 16, 32)):
+        default_m = saved(HEAD_DIM, HQ // HKV * t, dtype)["BLOCK_M"]
+        for block_m, n in itertools.product(sorted({default_m, max(16, default_m // 2)}, reverse=True),
+                                            [None, *splits]):
+            kernel.launch_config = lambda *a, bm=block_m: dict(saved(*a), BLOCK_M=bm)
+            try:
+                err = (kernel.tree_attention(**args, bits=bits, num_splits=n).double() - expected).abs().max().item()
+                calls = [lambda a=a: kernel.tree_attention(**a, bits=bits, num_splits=n) for a in copies]
+                ms = bench_graph(calls) if graph else bench_launch(calls[0])
+            except Exception as error:  # a configuration that does not fit: record and go on
+                ms, err = type(error).__name__, None
+            finally:
+                kernel.launch_config = saved
+            results.append(dict(P=p, T=t, BLOCK_M=block_m, splits=n or "default", ms=ms, err=err))
+            print(results[-1], flush=True)
+    return results
+
+
+def sweep(device: str, shapes, graph: bool = False) -> list[dict]:
+    """Time tile sizes, warps, pipelining and the prefix split on representative shapes; ``launch_config`` and
+    the split constants of ``kernels/tree_attention.py`` come from this. Launch-timed, or with ``graph`` as the
+    table times the kernel (CUDA-graph replays over copies that overflow L2): what a short kernel costs inside
+    a captured step, where launch cost would otherwise dominate."""
+    saved = kernel.launch_config, kernel.WAVES, kernel.MIN_CHUNK
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    results = []
+    for p, t in shapes:
+        args, anc = make_inputs(p, t, device, dtype)
+        kv_bytes = 2 * args["k"].numel() * args["k"].element_size()
+        copies = [args] + [make_inputs(p, t, device, dtype, seed)[0]
+                           for seed in range(1, -(-L2_FLUSH_BYTES // kv_bytes) if graph and device == "cuda" else 1)]
+        bits = kernel.pack_visibility(anc)
+        expected = kernel.reference(**args, visible=anc)
+        for block_n, stages, warps, waves, min_chunk in itertools.product((32, 64, 128), (2, 3, 4), (4, 8), (1, 2, 4),
+                                                                          (64, 256, 512)):
             def config(head_dim, rows, dtype, bn=block_n, s=stages, w=warps):
                 return dict(saved[0](head_dim, rows, dtype), BLOCK_N=bn, num_stages=s, num_warps=w)
-            kernel.launch_config, kernel.WAVES, kernel.CHUNK_PER_ROW = config, waves, per_row
+            kernel.launch_config, kernel.WAVES, kernel.MIN_CHUNK = config, waves, min_chunk
             err = None
             try:
                 err = (kernel.tree_attention(**args, bits=bits).double() - expected).abs().max().item()
@@ -226,14 +257,14 @@ def sweep(device: str, shapes, graph: bool = False) -> list[dict]:
             except Exception as error:  # a configuration that does not fit: record and go on
                 ms = type(error).__name__
             finally:
-                kernel.launch_config, kernel.WAVES, kernel.CHUNK_PER_ROW = saved
+                kernel.launch_config, kernel.WAVES, kernel.MIN_CHUNK = saved
             results.append(dict(P=p, T=t, BLOCK_N=block_n, num_stages=stages, num_warps=warps, WAVES=waves,
-                                CHUNK_PER_ROW=per_row, ms=ms, err=err))
+                                MIN_CHUNK=min_chunk, ms=ms, err=err))
         timed = [r for r in results if (r["P"], r["T"]) == (p, t) and isinstance(r["ms"], float)]
         print("best", min(timed, key=lambda r: r["ms"]), flush=True)
         base = saved[0](HEAD_DIM, HQ // HKV * t, dtype)
         default = dict(BLOCK_N=base["BLOCK_N"], num_stages=base["num_stages"], num_warps=base["num_warps"],
-                       WAVES=saved[1], CHUNK_PER_ROW=saved[2])
+                       WAVES=saved[1], MIN_CHUNK=saved[2])
         print("default", [r for r in timed if all(r[k] == v for k, v in default.items())], flush=True)
     return results
 
@@ -246,6 +277,8 @@ def main():
     parser.add_argument("--sweep", action="store_true",
                         help="time launch configurations instead, on --P x --T if given, else on SWEEP_SHAPES")
     parser.add_argument("--graph", action="store_true", help="with --sweep: time CUDA-graph replays, not launches")
+    parser.add_argument("--splits", type=int, nargs="+",
+                        help="with --sweep: time these prefix splits per KV head instead of launch configurations")
     opts = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch._dynamo.config.recompile_limit = 1000
@@ -254,7 +287,8 @@ def main():
     print(info, flush=True)
     if opts.sweep:
         shapes = list(itertools.product(opts.P, opts.T)) if opts.P and opts.T else SWEEP_SHAPES
-        results = sweep(device, shapes, opts.graph)
+        results = (split_sweep(device, shapes, opts.splits, opts.graph) if opts.splits
+                   else sweep(device, shapes, opts.graph))
         if opts.out:
             with open(opts.out, "w") as f:
                 json.dump({"info": info, "sweep": results}, f, indent=1)

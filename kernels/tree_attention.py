@@ -165,19 +165,31 @@ def pack_visibility(visible: torch.Tensor) -> torch.Tensor:
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
 
 
-# How the prefix is split (``benchmarks/tree_attention.py --sweep``; docs/notes.md): enough programs for
-# WAVES per multiprocessor, but each split reads at least MIN_CHUNK columns, and at least CHUNK_PER_ROW
-# columns per output row it writes, so the fp32 partials stay a small fraction of the K/V traffic.
-# MIN_CHUNK 512 rather than 1024: in an 8B verification step at P=4k, T=16 (H100) the kernel took 0.44
-# instead of 0.63 ms per step, 8 splits per KV head instead of 4 (benchmarks/verify_step.py, profiled).
-WAVES = 4
-MIN_CHUNK = 512
-CHUNK_PER_ROW = 8
+# How the prefix is split (``benchmarks/tree_attention.py --sweep --splits``; docs/notes.md): into as many
+# chunks as fill WAVES waves of programs, the region's program included, each of at least MIN_CHUNK columns.
+# A verification step is latency-bound: a program's fixed cost (about 5 µs on an H100) outweighs its share of
+# a few thousand columns, so every multiprocessor should get a program, and one program more than a wave costs
+# a second wave. H100, bf16, 8 KV heads, graph-timed: P=4k, T=16 took 16.1 µs at 15 splits per KV head,
+# 26.3 µs at 16 (two waves) and 18.2 µs under the former rule (4 waves, but chunks of at least 512: 8 splits);
+# P=4k, T=64: 32 against 63 µs; P=32k, T=16: 59 against 84 µs.
+WAVES = 1
+MIN_CHUNK = 64
 
 
 @functools.cache
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def prefix_split(region_start: int, heads: int, block_n: int, device: torch.device,
+                 num_splits: int | None = None) -> tuple[int, int]:
+    """(columns per prefix program, prefix programs) for ``heads`` (row, KV head, row block) triples:
+    ``num_splits`` chunks, or by default as many as WAVES and MIN_CHUNK allow; chunks are whole blocks."""
+    if num_splits is None:
+        wave = WAVES * _multiprocessors(device) // heads
+        num_splits = max(1, min(wave - 1, triton.cdiv(region_start, MIN_CHUNK)))
+    chunk = triton.cdiv(triton.cdiv(max(region_start, 1), num_splits), block_n) * block_n
+    return chunk, triton.cdiv(region_start, chunk)
 
 
 def launch_config(head_dim: int, rows: int, dtype: torch.dtype) -> dict:
@@ -218,8 +230,7 @@ def tree_attention(
     ``bits`` = :func:`pack_visibility` of the (B, T, R) region visibility; ``q_pos`` (B, T) and
     ``region_pos`` (B, R) are positions, used only by a sliding ``window`` (key seen when
     ``q_pos - k_pos < window``). ``softcap`` applies ``c * tanh(s / c)`` to scaled scores (Gemma2).
-    ``num_splits`` fixes how many programs share a prefix; by default WAVES, MIN_CHUNK and
-    CHUNK_PER_ROW decide. No host synchronisation: the split is sized from ``region_start``, an upper
+    ``num_splits`` fixes how many programs share a prefix; by default WAVES and MIN_CHUNK decide. No host synchronisation: the split is sized from ``region_start``, an upper
     bound on every row's prefix end.
     """
     batch, hq, t, head_dim = q.shape
@@ -229,12 +240,7 @@ def tree_attention(
     config = launch_config(head_dim, group * t, q.dtype)
     block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
     m_blocks = triton.cdiv(group * t, block_m)
-    if num_splits is None:
-        wanted = triton.cdiv(WAVES * _multiprocessors(q.device), batch * hkv * m_blocks)
-        least = max(MIN_CHUNK, CHUNK_PER_ROW * group * t)
-        num_splits = max(1, min(wanted, triton.cdiv(region_start, least)))
-    chunk = triton.cdiv(triton.cdiv(max(region_start, 1), num_splits), block_n) * block_n
-    n_prefix = triton.cdiv(region_start, chunk)
+    chunk, n_prefix = prefix_split(region_start, batch * hkv * m_blocks, block_n, q.device, num_splits)
     scale = head_dim**-0.5 if scale is None else scale
 
     parts = batch * hkv * (n_prefix + 1) * group * t

@@ -18,17 +18,18 @@ def test_verify_step_benchmark_times_every_row(tmp_path):
     timed = ("step_ms", "graph_ms", "compiled_ms", "compiled_pipelined_ms", "forward_ms", "plain_decode_ms")
     assert all(r[name] > 0 for r in rows for name in timed)
     assert rows[2]["kv_bytes"] == 2 * rows[0]["kv_bytes"]
+    assert rows[0]["unread_embedding_bytes"] == 256 * 64 * 4  # the tiny model's untied fp32 input table
 
 
 def test_split_sweep_restores_the_kernels_split(tmp_path):
     """Each setting is timed in both rounds, and the kernel's own split comes back afterwards."""
     run = runpy.run_path(str(BENCHMARKS / "verify_step.py"))
     kernel = run["tree_kernel"]
-    default = (kernel.MIN_CHUNK, kernel.CHUNK_PER_ROW)
+    default = (kernel.WAVES, kernel.MIN_CHUNK)
     out = tmp_path / "split.json"
-    run["main"](["--tiny", "--P", "32", "--T", "4", "--steps", "2", "--warmup", "1", "--split", "512:8", "64:1",
+    run["main"](["--tiny", "--P", "32", "--T", "4", "--steps", "2", "--warmup", "1", "--split", "4:512", "1:64",
                  "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["MIN_CHUNK"], r["repeat"]) for r in rows] == [(512, 0), (64, 0), (64, 1), (512, 1)]
+    assert [(r["WAVES"], r["MIN_CHUNK"], r["repeat"]) for r in rows] == [(4, 512, 0), (1, 64, 0), (1, 64, 1), (4, 512, 1)]
     assert all(r["compiled_ms"] > 0 and r["compiled_pipelined_ms"] > 0 for r in rows)
-    assert (kernel.MIN_CHUNK, kernel.CHUNK_PER_ROW) == default
+    assert (kernel.WAVES, kernel.MIN_CHUNK) == default

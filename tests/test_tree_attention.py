@@ -101,6 +101,21 @@ def test_splits_and_dtypes(poisoned, dtype, num_splits):
     check(args, visible, dtype, num_splits=num_splits)
 
 
+@pytest.mark.parametrize("heads,region_start,splits", [
+    (8, 4096, 13),   # an 8B step at P=4k: 14 programs per KV head, 112 of 132 multiprocessors
+    (16, 4096, 7),   # two row blocks per KV head
+    (8, 100, 2),     # a short prefix: chunks of whole blocks
+    (264, 4096, 1),  # more KV heads than a wave holds: one chunk each
+])
+def test_default_split_fills_one_wave(monkeypatch, heads, region_start, splits):
+    """The prefix programs of every (row, KV head, row block), plus its region program, fit one wave of
+    an H100's 132 multiprocessors; a program more would cost a second wave."""
+    monkeypatch.setattr(kernel, "_multiprocessors", lambda device: 132)
+    chunk, n_prefix = kernel.prefix_split(region_start, heads, 64, torch.device("cpu"))
+    assert n_prefix == splits and chunk % 64 == 0 and (n_prefix - 1) * chunk < region_start <= n_prefix * chunk
+    assert heads * (n_prefix + 1) <= 132 or n_prefix == 1
+
+
 @pytest.mark.parametrize("head_dim", [8, 96, 256])
 def test_head_dims(poisoned, head_dim):
     args, visible = make_case(2, 4, 2, 6, head_dim, 70, torch.float32, "deep", seed=2)
