@@ -244,7 +244,7 @@ def sweep(device: str, shapes, graph: bool = False) -> list[dict]:
                            for seed in range(1, -(-L2_FLUSH_BYTES // kv_bytes) if graph and device == "cuda" else 1)]
         bits = kernel.pack_visibility(anc)
         expected = kernel.reference(**args, visible=anc)
-        for block_n, stages, warps, waves, min_chunk in itertools.product((32, 64, 128), (2, 3, 4), (4, 8), (1, 2, 4),
+        for block_n, stages, warps, waves, min_chunk in itertools.product((32, 64, 128), (1, 2, 3), (4, 8), (1, 2, 4),
                                                                           (64, 256, 512)):
             def config(head_dim, rows, dtype, bn=block_n, s=stages, w=warps):
                 return dict(saved[0](head_dim, rows, dtype), BLOCK_N=bn, num_stages=s, num_warps=w)
@@ -263,7 +263,10 @@ def sweep(device: str, shapes, graph: bool = False) -> list[dict]:
         timed = [r for r in results if (r["P"], r["T"]) == (p, t) and isinstance(r["ms"], float)]
         print("best", min(timed, key=lambda r: r["ms"]), flush=True)
         base = saved[0](HEAD_DIM, HQ // HKV * t, dtype)
-        default = dict(BLOCK_N=base["BLOCK_N"], num_stages=base["num_stages"], num_warps=base["num_warps"],
+        chunk, _ = kernel.prefix_split(p, HKV * -(-HQ // HKV * t // base["BLOCK_M"]), base["BLOCK_N"],
+                                       torch.device(device))
+        default = dict(BLOCK_N=base["BLOCK_N"], num_stages=kernel.pipeline_stages(chunk // base["BLOCK_N"]),
+                       num_warps=base["num_warps"],
                        WAVES=saved[1], MIN_CHUNK=saved[2])
         print("default", [r for r in timed if all(r[k] == v for k, v in default.items())], flush=True)
     return results
