@@ -199,9 +199,9 @@ SWEEP_SHAPES = [(8192, 32), (32768, 8), (32768, 32), (32768, 128), (131072, 8), 
 
 
 def split_sweep(device: str, shapes, splits, graph: bool = False) -> list[dict]:
-    """Time the kernel with the prefix cut into each of ``splits`` programs per KV head (and row blocks of
-    the default height and half of it), the default launch configuration otherwise: how the split count
-    trades programs in flight against per-program work and partials, shape by shape."""
+    """Time the kernel with the prefix cut into each of ``splits`` programs per KV head, with 1 to 3 pipeline
+    stages and row blocks of the default height and half of it, the default launch configuration otherwise:
+    how the split count trades programs in flight against per-program work and partials, shape by shape."""
     saved = kernel.launch_config
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     results = []
@@ -213,9 +213,9 @@ def split_sweep(device: str, shapes, splits, graph: bool = False) -> list[dict]:
         bits = kernel.pack_visibility(anc)
         expected = kernel.reference(**args, visible=anc)
         default_m = saved(HEAD_DIM, HQ // HKV * t, dtype)["BLOCK_M"]
-        for block_m, n in itertools.product(sorted({default_m, max(16, default_m // 2)}, reverse=True),
-                                            [None, *splits]):
-            kernel.launch_config = lambda *a, bm=block_m: dict(saved(*a), BLOCK_M=bm)
+        for block_m, stages, n in itertools.product(sorted({default_m, max(16, default_m // 2)}, reverse=True),
+                                                    (1, 2, 3), [None, *splits]):
+            kernel.launch_config = lambda *a, bm=block_m, st=stages: dict(saved(*a), BLOCK_M=bm, num_stages=st)
             try:
                 err = (kernel.tree_attention(**args, bits=bits, num_splits=n).double() - expected).abs().max().item()
                 calls = [lambda a=a: kernel.tree_attention(**a, bits=bits, num_splits=n) for a in copies]
@@ -224,7 +224,7 @@ def split_sweep(device: str, shapes, splits, graph: bool = False) -> list[dict]:
                 ms, err = type(error).__name__, None
             finally:
                 kernel.launch_config = saved
-            results.append(dict(P=p, T=t, BLOCK_M=block_m, splits=n or "default", ms=ms, err=err))
+            results.append(dict(P=p, T=t, BLOCK_M=block_m, num_stages=stages, splits=n or "default", ms=ms, err=err))
             print(results[-1], flush=True)
     return results
 

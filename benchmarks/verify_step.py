@@ -24,10 +24,13 @@ random (cost only), bf16.
   of an 8B Llama's 16.1), which a step does not read; ``x read floor`` = compiled / the floor without it.
 
     python benchmarks/verify_step.py --out verify.json [--T 1 16 64] [--P 512 4096] [--tiny] [--profile]
-    python benchmarks/verify_step.py --P 4096 --T 16 --split 1:64 4:512 --out split.json
+    python benchmarks/verify_step.py --P 4096 --T 16 --compare fuse=on fuse=off --out fuse.json
 
-``--tiny`` builds a 2-layer model for a CPU smoke test. ``--split`` times the compiled step (and profiles
-its kernels) under each prefix split of the tree-attention kernel instead, in alternating order, twice.
+Every specdec column runs with the projections fused (``specdec.fusion``), as ``generate`` runs them; plain
+decode runs the model as transformers does. ``--tiny`` builds a 2-layer model for a CPU smoke test.
+``--compare`` times the compiled step (and profiles its kernels) under each of some settings instead, in
+alternating order, twice: ``split=WAVES:MIN_CHUNK`` (the tree-attention kernel's prefix split) or
+``fuse=on`` / ``fuse=off``.
 ``--compile-mode`` passes a ``torch.compile`` mode (``max-autotune-no-cudagraphs``: Inductor's own GEMMs
 against cuBLAS's).
 """
@@ -35,6 +38,7 @@ against cuBLAS's).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -43,6 +47,7 @@ import torch
 from transformers import DynamicCache, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from specdec.attention import head_dim
+from specdec import fusion
 from specdec.cache import TreeCache
 from specdec.forward import Prefix, forward_nodes, prefill
 from specdec.generate import COUNTERS, compiled_keep_accepted, graph_key, keep_accepted, verify_step
@@ -56,7 +61,6 @@ LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256, max_position_embeddings=8192)
-DEFAULT_SPLIT = (tree_kernel.WAVES, tree_kernel.MIN_CHUNK)
 
 
 def _sync(device) -> float:
@@ -219,37 +223,54 @@ def compiled_columns(run, steps: int, warmup: int, device, floor: dict) -> dict:
 def run_row(model, p: int, t: int, steps: int, warmup: int, copy_bps: float, profile: bool = False,
             compile_mode: str | None = None) -> dict:
     bench, device = StepBench(model, p, t, compile_mode), model.device
-    graph_step, compiled_graph_step = bench.replayed(False), bench.replayed(True)
-    row = {"P": p, "T": t,
-           "step_ms": _median_ms(bench.step, steps, warmup, device),
-           "graph_ms": _median_ms(graph_step, steps, warmup, device),
-           **compiled_columns(compiled_graph_step, steps, warmup, device, floor_ms(model, p, copy_bps)),
-           "forward_ms": _median_ms(bench.forward, steps, warmup, device),
-           "plain_decode_ms": _median_ms(bench.plain_decode, steps, warmup, device)}
-    if profile and device.type == "cuda":
-        row["kernels_ms"] = kernel_times(graph_step)
-        row["compiled_kernels_ms"] = kernel_times(compiled_graph_step)
+    row = {"P": p, "T": t, "plain_decode_ms": _median_ms(bench.plain_decode, steps, warmup, device)}
+    with fusion.fused(model):
+        graph_step, compiled_graph_step = bench.replayed(False), bench.replayed(True)
+        row.update(step_ms=_median_ms(bench.step, steps, warmup, device),
+                   graph_ms=_median_ms(graph_step, steps, warmup, device),
+                   **compiled_columns(compiled_graph_step, steps, warmup, device, floor_ms(model, p, copy_bps)),
+                   forward_ms=_median_ms(bench.forward, steps, warmup, device))
+        if profile and device.type == "cuda":
+            row["kernels_ms"] = kernel_times(graph_step)
+            row["compiled_kernels_ms"] = kernel_times(compiled_graph_step)
     return row
 
 
+@contextlib.contextmanager
+def setting(name: str):
+    """``split=WAVES:MIN_CHUNK``: the tree-attention kernel's prefix split; ``fuse=off``: projections unfused
+    (they are fused otherwise, as ``generate`` runs them)."""
+    kind, _, value = name.partition("=")
+    if kind == "fuse" and value in ("on", "off"):
+        yield value == "on"
+    elif kind == "split":
+        saved = tree_kernel.WAVES, tree_kernel.MIN_CHUNK
+        tree_kernel.WAVES, tree_kernel.MIN_CHUNK = (int(x) for x in value.split(":"))
+        try:
+            yield True
+        finally:
+            tree_kernel.WAVES, tree_kernel.MIN_CHUNK = saved
+    else:
+        raise ValueError(f"--compare: unknown setting {name!r}; use split=WAVES:MIN_CHUNK or fuse=on|off")
+
+
 @torch.no_grad()
-def split_sweep(model, p: int, t: int, settings: list[tuple[int, int]], steps: int, warmup: int, copy_bps: float,
-                compile_mode: str | None = None, repeats: int = 2) -> list[dict]:
-    """The compiled step under each (WAVES, MIN_CHUNK) of the tree-attention kernel's prefix split,
-    in alternating order over ``repeats`` rounds (neighbouring runs share the GPU's state)."""
+def compare(model, p: int, t: int, settings: list[str], steps: int, warmup: int, copy_bps: float,
+            compile_mode: str | None = None, repeats: int = 2) -> list[dict]:
+    """The compiled step under each setting, in alternating order over ``repeats`` rounds (neighbouring runs
+    share the GPU's state)."""
     bench, device = StepBench(model, p, t, compile_mode), model.device
     rows = []
     for repeat in range(repeats):
-        for waves, min_chunk in settings if repeat % 2 == 0 else settings[::-1]:
-            tree_kernel.WAVES, tree_kernel.MIN_CHUNK = waves, min_chunk
-            run = bench.replayed(True)
-            row = {"P": p, "T": t, "WAVES": waves, "MIN_CHUNK": min_chunk, "repeat": repeat,
-                   **compiled_columns(run, steps, warmup, device, floor_ms(model, p, copy_bps))}
-            if device.type == "cuda":
-                row["kernels_ms"] = kernel_times(run, top=40)
+        for name in settings if repeat % 2 == 0 else settings[::-1]:
+            with setting(name) as fuse, fusion.fused(model) if fuse else contextlib.nullcontext():
+                run = bench.replayed(True)
+                row = {"P": p, "T": t, "setting": name, "repeat": repeat,
+                       **compiled_columns(run, steps, warmup, device, floor_ms(model, p, copy_bps))}
+                if device.type == "cuda":
+                    row["kernels_ms"] = kernel_times(run, top=40)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "kernels_ms"}), flush=True)
-    tree_kernel.WAVES, tree_kernel.MIN_CHUNK = DEFAULT_SPLIT
     return rows
 
 
@@ -289,9 +310,9 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model, for a CPU smoke test")
     parser.add_argument("--profile", action="store_true", help="record each row's costliest kernels (GPU)")
-    parser.add_argument("--split", nargs="+", metavar="WAVES:MIN_CHUNK",
-                        help="instead of the table: the compiled step under each prefix split of the tree-attention "
-                             "kernel, at the first P and T")
+    parser.add_argument("--compare", nargs="+", metavar="SETTING",
+                        help="instead of the table: the compiled step under each setting (split=WAVES:MIN_CHUNK, the "
+                             "tree-attention kernel's prefix split; fuse=on|off, the projections), at the first P and T")
     parser.add_argument("--compile-mode", help="a torch.compile mode for the compiled column")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
@@ -301,10 +322,9 @@ def main(argv=None):
     record = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "model": "tiny" if args.tiny else "llama-8b-shaped, random bf16",
               "compile_mode": args.compile_mode, "copy_GBps": copy_bps / 1e9, "rows": []}
-    if args.split:
-        settings = [tuple(int(x) for x in setting.split(":")) for setting in args.split]
-        record["rows"] = split_sweep(model, args.P[0], args.T[0], settings, args.steps, args.warmup, copy_bps,
-                                     args.compile_mode)
+    if args.compare:
+        record["rows"] = compare(model, args.P[0], args.T[0], args.compare, args.steps, args.warmup, copy_bps,
+                                 args.compile_mode)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(record, f, indent=1)

@@ -108,7 +108,7 @@ def forward_nodes(
 
     def mask(window):
         vis = _visible(prefix, region_start, region_visible, positions, region_pos, window)
-        return torch.where(vis, 0.0, torch.finfo(dtype).min).to(dtype)[:, None]
+        return torch.zeros(vis.shape, dtype=dtype, device=vis.device).masked_fill_(~vis, torch.finfo(dtype).min)[:, None]
 
     if isinstance(windows, dict):
         attention_mask = {kind: mask(window) for kind, window in windows.items()}

@@ -15,6 +15,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from . import features
+from . import fusion
 from . import session as sessions
 from .drafters.base import Drafter, require_positive
 from .drafters.draft_model import DraftModel
@@ -219,6 +220,7 @@ def generate(
     past_key_values=None,
     fast_path: bool | None = None,
     compile: bool = False,
+    fuse_projections: bool = True,
     **kwargs,
 ):
     """Generate as ``model.generate`` would, verifying drafted tokens in one target pass per step.
@@ -240,6 +242,10 @@ def generate(
     layer, and the acceptance after it. The first call compiles (seconds for small models, minutes for large
     ones); later calls that fit the kept buffers reuse it whatever their prompt's length, and one that needs
     larger buffers recompiles once. It implies the fixed-shape step, on a CPU too.
+
+    ``fuse_projections`` (default True) runs each layer's q/k/v projections, and its gate/up projections, as
+    one GEMM during the call (:mod:`specdec.fusion`): the first call moves each group's weights into one
+    buffer, without copying the model or changing its parameters' names or values.
     """
     check_model(model, "model")
     drafter = _resolve_drafter(drafter, assistant_model, prompt_lookup_num_tokens)
@@ -251,6 +257,8 @@ def generate(
         raise ValueError(f"`fast_path` must be None, True or False, got {fast_path!r}.")
     if compile not in (True, False):
         raise ValueError(f"`compile` must be True or False, got {compile!r}.")
+    if fuse_projections not in (True, False):
+        raise ValueError(f"`fuse_projections` must be True or False, got {fuse_projections!r}.")
     if compile and fast_path is False:
         raise ValueError("`compile=True` compiles the fixed-shape step, which `fast_path=False` refuses; "
                          "drop one of them.")
@@ -297,11 +305,13 @@ def generate(
         return verify_step(target, cache, seqs, propose() if tree is None else tree, sampling, counters,
                            want_features, keep)
 
+    projections = fusion.prepare(model) if fuse_projections else fusion.NONE  # before the session: weights move
     if fixed and past_key_values is None:
         session = sessions.kept(model, input_ids, mask, max_new, len(COUNTERS))
     else:
         session = sessions.Session.fresh(input_ids, mask, max_new, len(COUNTERS), past_key_values)
     seqs, cache, counters = session.seqs, session.cache, session.counters
+    projections.enter()
     try:
         with features.capture(model, want_features) as captured:
             passes, last = prefill(model, cache, input_ids, seqs.start, begin=cache.get_seq_length())
@@ -347,6 +357,7 @@ def generate(
         if streamer is not None:
             streamer.end()
     finally:
+        projections.leave()
         session.busy = False
         if drafter is not None:
             drafter.end()

@@ -6,6 +6,8 @@ import json
 import runpy
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
@@ -21,15 +23,19 @@ def test_verify_step_benchmark_times_every_row(tmp_path):
     assert rows[0]["unread_embedding_bytes"] == 256 * 64 * 4  # the tiny model's untied fp32 input table
 
 
-def test_split_sweep_restores_the_kernels_split(tmp_path):
-    """Each setting is timed in both rounds, and the kernel's own split comes back afterwards."""
+def test_compare_alternates_settings_and_restores_them(tmp_path):
+    """Each setting is timed in both rounds, in alternating order, and the kernel's split and the model's
+    projections are as they were afterwards."""
     run = runpy.run_path(str(BENCHMARKS / "verify_step.py"))
     kernel = run["tree_kernel"]
     default = (kernel.WAVES, kernel.MIN_CHUNK)
-    out = tmp_path / "split.json"
-    run["main"](["--tiny", "--P", "32", "--T", "4", "--steps", "2", "--warmup", "1", "--split", "4:512", "1:64",
-                 "--out", str(out)])
+    out = tmp_path / "compare.json"
+    run["main"](["--tiny", "--P", "32", "--T", "4", "--steps", "2", "--warmup", "1", "--compare", "split=4:512",
+                 "fuse=off", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["WAVES"], r["MIN_CHUNK"], r["repeat"]) for r in rows] == [(4, 512, 0), (1, 64, 0), (1, 64, 1), (4, 512, 1)]
+    assert [(r["setting"], r["repeat"]) for r in rows] == [("split=4:512", 0), ("fuse=off", 0), ("fuse=off", 1),
+                                                           ("split=4:512", 1)]
     assert all(r["compiled_ms"] > 0 and r["compiled_pipelined_ms"] > 0 for r in rows)
     assert (kernel.WAVES, kernel.MIN_CHUNK) == default
+    with pytest.raises(ValueError, match="unknown setting"):
+        run["main"](["--tiny", "--P", "32", "--T", "4", "--compare", "fuse=maybe"])

@@ -98,3 +98,14 @@ def test_eager_and_sdpa_agree():
         model = tiny("qwen3", attn=attn)
         outs.append(specdec.generate(model, ids, attention_mask=mask, prompt_lookup_num_tokens=3, max_new_tokens=20))
     assert torch.equal(*outs)
+
+
+@pytest.mark.parametrize("fast_path", [False, True])
+def test_float64_model_equals_generate(fast_path):
+    """The tree's float mask is built in the model's dtype: float64's minimum overflowed a float32 one."""
+    model = tiny("mistral").double()
+    ids, mask = prompts(2, 7, seed=6)
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    got = specdec.generate(model, ids, attention_mask=mask, prompt_lookup_num_tokens=3, max_new_tokens=12,
+                           do_sample=False, fast_path=fast_path)
+    assert torch.equal(got, want)

@@ -1,0 +1,138 @@
+"""Projections that read the same input run as one GEMM while specdec runs a model: an attention's q, k and v,
+an MLP's gate and up.
+
+At verification shapes (one to a few dozen rows) cuBLAS reads a small weight matrix well below the memory
+bandwidth and gives it a split-K reduction kernel of its own: an 8B Llama's q, k and v took 31.4 µs a layer as
+three GEMMs and 21.3 µs as one (H100, 16 rows; ``benchmarks/fused_projections.py``). So the weights of each
+group move once into one buffer, each module's weight becoming a view of its rows: the same Parameter objects,
+names and values, and no extra memory. During a call, the group's first module computes every member's
+output and the others return their columns, if they are called on the same input; otherwise each runs alone.
+Outside specdec's calls the modules run as nn.Linear does, on their views. Modules are matched by the names
+transformers gives them; a member that is not exactly an ``nn.Linear``, or whose ``forward`` someone else
+replaced (accelerate's offloading hooks), leaves its group unfused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class _Group:
+    """Linear modules that project one input, their weights (and biases) rows of one buffer."""
+
+    def __init__(self, members: list[nn.Linear]):
+        self.members = members
+        self.sizes = [m.out_features for m in members]
+        self.weight = self.bias = None
+        self.pending = None  # (input, outputs) from the first member, until the last one takes its columns
+        self.forwards = [functools.partial(self.project, i) for i in range(len(members))]  # stable, for guards
+
+    @staticmethod
+    def fusable(members) -> bool:
+        first = members[0]
+        return all(
+            type(m) is nn.Linear and "forward" not in vars(m) and m.in_features == first.in_features
+            and m.weight.dtype == first.weight.dtype and m.weight.device == first.weight.device
+            and (m.bias is None) == (first.bias is None)
+            for m in members
+        )
+
+    def _is_fused(self, name: str) -> bool:
+        whole = getattr(self, name)
+        parts = [getattr(m, name) for m in self.members]
+        if whole is None or any(p.dtype != whole.dtype or p.device != whole.device for p in parts):
+            return False
+        offset = whole.data_ptr()
+        for p in parts:
+            if p.data_ptr() != offset or not p.is_contiguous():
+                return False
+            offset += p.numel() * p.element_size()
+        return True
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Move the weights into one buffer, unless they are there already (``model.to`` moves them apart)."""
+        for name in ("weight", "bias"):
+            if getattr(self.members[0], name) is None or self._is_fused(name):
+                continue
+            whole = torch.cat([getattr(m, name).detach() for m in self.members])
+            for m, part in zip(self.members, whole.split(self.sizes)):
+                getattr(m, name).data = part
+            setattr(self, name, whole)
+
+    def project(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if i == 0:
+            outputs = F.linear(x, self.weight, self.bias).split(self.sizes, -1)
+            self.pending = (x, outputs)
+            return outputs[0]
+        pending = self.pending
+        if pending is None or pending[0] is not x:
+            return F.linear(x, self.members[i].weight, self.members[i].bias)
+        if i == len(self.members) - 1:
+            self.pending = None
+        return pending[1][i]
+
+
+class Projections:
+    """A model's fusable groups, and how many calls run with them fused (calls can nest)."""
+
+    def __init__(self, groups: list[_Group]):
+        self.groups = groups
+        self.depth = 0
+
+    def enter(self) -> None:
+        if self.depth == 0:
+            for group in self.groups:
+                for member, forward in zip(group.members, group.forwards):
+                    member.forward = forward
+        self.depth += 1
+
+    def leave(self) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            for group in self.groups:
+                group.pending = None
+                for member in group.members:
+                    del member.forward
+
+
+_projections: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+NONE = Projections([])
+
+
+def prepare(model: nn.Module) -> Projections:
+    """``model``'s fusable groups, their weights moved into one buffer each (once; again if they were moved
+    apart since). Call it before anything records weight addresses, as captured steps do."""
+    found = _projections.get(model)
+    if found is None:
+        groups = []
+        for module in model.modules():
+            for names in GROUPS:
+                members = [getattr(module, name, None) for name in names]
+                if all(isinstance(m, nn.Module) for m in members) and _Group.fusable(members):
+                    groups.append(_Group(members))
+        found = _projections[model] = Projections(groups)
+    if found.depth == 0:
+        for group in found.groups:
+            group.fuse()
+    return found
+
+
+@contextlib.contextmanager
+def fused(model: nn.Module):
+    """Run ``model``'s fusable projections fused inside the block, as ``specdec.generate`` does during a call:
+    for loops of one's own, and benchmarks."""
+    projections = prepare(model)
+    projections.enter()
+    try:
+        yield projections
+    finally:
+        projections.leave()
