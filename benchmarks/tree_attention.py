@@ -198,30 +198,41 @@ def markdown(rows) -> str:
 SWEEP_SHAPES = [(8192, 32), (32768, 8), (32768, 32), (32768, 128), (131072, 8), (131072, 64)]
 
 
+def _sweep_case(p: int, t: int, device: str, graph: bool):
+    """Inputs of one shape for a sweep: (time one configuration -> (ms or the error's name, max error), dtype).
+    With ``graph``, copies of the inputs overflow L2 and each call of a replay reads its own."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    args, anc = make_inputs(p, t, device, dtype)
+    kv_bytes = 2 * args["k"].numel() * args["k"].element_size()
+    copies = [args] + [make_inputs(p, t, device, dtype, seed)[0]
+                       for seed in range(1, -(-L2_FLUSH_BYTES // kv_bytes) if graph and device == "cuda" else 1)]
+    bits = kernel.pack_visibility(anc)
+    expected = kernel.reference(**args, visible=anc)
+
+    def time_it(**options):
+        try:
+            err = (kernel.tree_attention(**args, bits=bits, **options).double() - expected).abs().max().item()
+            calls = [lambda a=a: kernel.tree_attention(**a, bits=bits, **options) for a in copies]
+            return (bench_graph(calls) if graph else bench_launch(calls[0])), err
+        except Exception as error:  # a configuration that does not fit: record and go on
+            return type(error).__name__, None
+    return time_it, dtype
+
+
 def split_sweep(device: str, shapes, splits, graph: bool = False) -> list[dict]:
     """Time the kernel with the prefix cut into each of ``splits`` programs per KV head, with 1 to 3 pipeline
     stages and row blocks of the default height and half of it, the default launch configuration otherwise:
     how the split count trades programs in flight against per-program work and partials, shape by shape."""
     saved = kernel.launch_config
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     results = []
     for p, t in shapes:
-        args, anc = make_inputs(p, t, device, dtype)
-        kv_bytes = 2 * args["k"].numel() * args["k"].element_size()
-        copies = [args] + [make_inputs(p, t, device, dtype, seed)[0]
-                           for seed in range(1, -(-L2_FLUSH_BYTES // kv_bytes) if graph and device == "cuda" else 1)]
-        bits = kernel.pack_visibility(anc)
-        expected = kernel.reference(**args, visible=anc)
+        time_it, dtype = _sweep_case(p, t, device, graph)
         default_m = saved(HEAD_DIM, HQ // HKV * t, dtype)["BLOCK_M"]
         for block_m, stages, n in itertools.product(sorted({default_m, max(16, default_m // 2)}, reverse=True),
                                                     (1, 2, 3), [None, *splits]):
             kernel.launch_config = lambda *a, bm=block_m, st=stages: dict(saved(*a), BLOCK_M=bm, num_stages=st)
             try:
-                err = (kernel.tree_attention(**args, bits=bits, num_splits=n).double() - expected).abs().max().item()
-                calls = [lambda a=a: kernel.tree_attention(**a, bits=bits, num_splits=n) for a in copies]
-                ms = bench_graph(calls) if graph else bench_launch(calls[0])
-            except Exception as error:  # a configuration that does not fit: record and go on
-                ms, err = type(error).__name__, None
+                ms, err = time_it(num_splits=n)
             finally:
                 kernel.launch_config = saved
             results.append(dict(P=p, T=t, BLOCK_M=block_m, num_stages=stages, splits=n or "default", ms=ms, err=err))
@@ -235,27 +246,16 @@ def sweep(device: str, shapes, graph: bool = False) -> list[dict]:
     table times the kernel (CUDA-graph replays over copies that overflow L2): what a short kernel costs inside
     a captured step, where launch cost would otherwise dominate."""
     saved = kernel.launch_config, kernel.WAVES, kernel.MIN_CHUNK
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     results = []
     for p, t in shapes:
-        args, anc = make_inputs(p, t, device, dtype)
-        kv_bytes = 2 * args["k"].numel() * args["k"].element_size()
-        copies = [args] + [make_inputs(p, t, device, dtype, seed)[0]
-                           for seed in range(1, -(-L2_FLUSH_BYTES // kv_bytes) if graph and device == "cuda" else 1)]
-        bits = kernel.pack_visibility(anc)
-        expected = kernel.reference(**args, visible=anc)
+        time_it, dtype = _sweep_case(p, t, device, graph)
         for block_n, stages, warps, waves, min_chunk in itertools.product((32, 64, 128), (1, 2, 3), (4, 8), (1, 2, 4),
                                                                           (64, 256, 512)):
             def config(head_dim, rows, dtype, bn=block_n, s=stages, w=warps):
                 return dict(saved[0](head_dim, rows, dtype), BLOCK_N=bn, num_stages=s, num_warps=w)
             kernel.launch_config, kernel.WAVES, kernel.MIN_CHUNK = config, waves, min_chunk
-            err = None
             try:
-                err = (kernel.tree_attention(**args, bits=bits).double() - expected).abs().max().item()
-                calls = [lambda a=a: kernel.tree_attention(**a, bits=bits) for a in copies]
-                ms = bench_graph(calls) if graph else bench_launch(calls[0])
-            except Exception as error:  # a configuration that does not fit: record and go on
-                ms = type(error).__name__
+                ms, err = time_it()
             finally:
                 kernel.launch_config, kernel.WAVES, kernel.MIN_CHUNK = saved
             results.append(dict(P=p, T=t, BLOCK_N=block_n, num_stages=stages, num_warps=warps, WAVES=waves,
