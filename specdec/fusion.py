@@ -31,7 +31,7 @@ class _Group:
     def __init__(self, members: list[nn.Linear]):
         self.members = members
         self.sizes = [m.out_features for m in members]
-        self.weight = self.bias = None
+        self.weight = self.bias = None  # during a call: views of the whole buffers (nothing held between calls)
         self.pending = None  # (input, outputs) from the first member, until the last one takes its columns
         self.forwards = [functools.partial(self.project, i) for i in range(len(members))]  # stable, for guards
 
@@ -45,28 +45,34 @@ class _Group:
             for m in members
         )
 
-    def _is_fused(self, name: str) -> bool:
-        whole = getattr(self, name)
+    def _adjacent(self, name: str) -> bool:
+        """Whether the members' ``name`` tensors are consecutive rows of one buffer."""
         parts = [getattr(m, name) for m in self.members]
-        if whole is None or any(p.dtype != whole.dtype or p.device != whole.device for p in parts):
-            return False
-        offset = whole.data_ptr()
+        first = parts[0]
+        offset = first.storage_offset()
         for p in parts:
-            if p.data_ptr() != offset or not p.is_contiguous():
+            if (not p.is_contiguous() or p.dtype != first.dtype or p.device != first.device
+                    or p.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                    or p.storage_offset() != offset):
                 return False
-            offset += p.numel() * p.element_size()
+            offset += p.numel()
         return True
 
     @torch.no_grad()
     def fuse(self) -> None:
         """Move the weights into one buffer, unless they are there already (``model.to`` moves them apart)."""
         for name in ("weight", "bias"):
-            if getattr(self.members[0], name) is None or self._is_fused(name):
+            if getattr(self.members[0], name) is None or self._adjacent(name):
                 continue
             whole = torch.cat([getattr(m, name).detach() for m in self.members])
             for m, part in zip(self.members, whole.split(self.sizes)):
                 getattr(m, name).data = part
-            setattr(self, name, whole)
+
+    @torch.no_grad()
+    def whole(self, name: str) -> torch.Tensor | None:
+        """The buffer behind the members' ``name`` tensors, as one tensor (a view: no copy)."""
+        first = getattr(self.members[0], name)
+        return None if first is None else first.as_strided((sum(self.sizes), *first.shape[1:]), first.stride())
 
     def project(self, i: int, x: torch.Tensor) -> torch.Tensor:
         if i == 0:
@@ -91,6 +97,7 @@ class Projections:
     def enter(self) -> None:
         if self.depth == 0:
             for group in self.groups:
+                group.weight, group.bias = group.whole("weight"), group.whole("bias")
                 for member, forward in zip(group.members, group.forwards):
                     member.forward = forward
         self.depth += 1
@@ -99,7 +106,7 @@ class Projections:
         self.depth -= 1
         if self.depth == 0:
             for group in self.groups:
-                group.pending = None
+                group.weight = group.bias = group.pending = None
                 for member in group.members:
                     del member.forward
 

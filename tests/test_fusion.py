@@ -99,6 +99,15 @@ def test_moved_model_is_fused_again_and_right_meanwhile():
     assert attn.q_proj.weight.dtype == torch.float64
 
 
+def test_nothing_is_held_between_calls():
+    """Between calls only the parameters reference the fused buffers, so a model moved or cast afterwards
+    frees them: the groups keep no view of them, and no output."""
+    model = tiny()
+    ids, mask = prompts(1, 6, 5)
+    specdec.generate(model, ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert all(g.weight is None and g.bias is None and g.pending is None for g in fusion.prepare(model).groups)
+
+
 def test_a_member_called_on_another_input_runs_alone():
     """Cross-attention-like use: k and v of another tensor than q's get their own GEMMs, not q's input's."""
     model = tiny()
