@@ -15,37 +15,13 @@ import json
 
 import torch
 import torch.nn.functional as F
+from tree_attention import bench_graph, copy_bandwidth  # the same graph-replay timing and copy ceiling
 
 HIDDEN, INTER, Q, KV, LAYERS = 4096, 14336, 4096, 1024, 32
 SHAPES = {"q": (Q, HIDDEN), "k": (KV, HIDDEN), "v": (KV, HIDDEN), "o": (HIDDEN, Q), "gate": (INTER, HIDDEN),
           "up": (INTER, HIDDEN), "down": (HIDDEN, INTER), "qkv": (Q + 2 * KV, HIDDEN), "gate_up": (2 * INTER, HIDDEN)}
 GROUPS = {"q+k+v": ["q", "k", "v"], "qkv fused": ["qkv"], "gate+up": ["gate", "up"], "gate_up fused": ["gate_up"],
           "o": ["o"], "down": ["down"]}
-
-
-def graph_us(fns, repeats: int = 10) -> float:
-    """Median device µs of one replay of a CUDA graph calling ``fns`` in order."""
-    for f in fns:
-        f()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for f in fns:
-            f()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
-def copy_gbps() -> float:
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / graph_us([lambda: dst.copy_(src)]) / 1e3
 
 
 @torch.no_grad()
@@ -56,17 +32,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("fused_projections.py times CUDA graphs: it needs a GPU.")
-    bandwidth = copy_gbps()
+    bandwidth = copy_bandwidth("cuda")
     record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_GBps": bandwidth, "rows": []}
     for group, names in GROUPS.items():
         weights = [{n: torch.randn(SHAPES[n], device="cuda", dtype=torch.bfloat16) for n in names}
                    for _ in range(LAYERS)]
         for m in args.M:
-            x = torch.randn(m, HIDDEN if names[0] != "down" else INTER, device="cuda", dtype=torch.bfloat16)
-            if names[0] == "o":
-                x = torch.randn(m, Q, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(m, SHAPES[names[0]][1], device="cuda", dtype=torch.bfloat16)
             fns = [lambda w=w[n]: F.linear(x, w) for w in weights for n in names]
-            us = graph_us(fns) / LAYERS
+            us = 1e3 * bench_graph(fns) * len(names)  # bench_graph: per function, here one GEMM of a layer
             nbytes = sum(weights[0][n].numel() * 2 for n in names)
             row = {"group": group, "M": m, "us_per_layer": us, "of_copy": nbytes / us / 1e3 / bandwidth}
             record["rows"].append(row)

@@ -237,17 +237,19 @@ def run_row(model, p: int, t: int, steps: int, warmup: int, copy_bps: float, pro
 
 
 @contextlib.contextmanager
-def setting(name: str):
-    """``split=WAVES:MIN_CHUNK``: the tree-attention kernel's prefix split; ``fuse=off``: projections unfused
-    (they are fused otherwise, as ``generate`` runs them)."""
+def setting(name: str, model):
+    """``split=WAVES:MIN_CHUNK``: the tree-attention kernel's prefix split; ``fuse=on|off``: projections fused
+    or not (fused under any other setting, as ``generate`` runs them)."""
     kind, _, value = name.partition("=")
     if kind == "fuse" and value in ("on", "off"):
-        yield value == "on"
+        with fusion.fused(model) if value == "on" else contextlib.nullcontext():
+            yield
     elif kind == "split":
         saved = tree_kernel.WAVES, tree_kernel.MIN_CHUNK
         tree_kernel.WAVES, tree_kernel.MIN_CHUNK = (int(x) for x in value.split(":"))
         try:
-            yield True
+            with fusion.fused(model):
+                yield
         finally:
             tree_kernel.WAVES, tree_kernel.MIN_CHUNK = saved
     else:
@@ -263,7 +265,7 @@ def compare(model, p: int, t: int, settings: list[str], steps: int, warmup: int,
     rows = []
     for repeat in range(repeats):
         for name in settings if repeat % 2 == 0 else settings[::-1]:
-            with setting(name) as fuse, fusion.fused(model) if fuse else contextlib.nullcontext():
+            with setting(name, model):
                 run = bench.replayed(True)
                 row = {"P": p, "T": t, "setting": name, "repeat": repeat,
                        **compiled_columns(run, steps, warmup, device, floor_ms(model, p, copy_bps))}
