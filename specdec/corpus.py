@@ -63,11 +63,8 @@ class Corpus:
     def held_out_prompts(self, n: int, prompt_chars: int = 200) -> list[str]:
         """``n`` prefixes of held-out functions (see ``function_prefixes``), spread evenly over all of them, so
         always the same ones."""
-        candidates = [c for source in self.held_out for c in function_prefixes(source, prompt_chars)]
-        if not 0 < n <= len(candidates):
-            raise ValueError(f"n={n}: the held-out modules have {len(candidates)} functions with a statement end "
-                             f"within prompt_chars={prompt_chars}; ask for 1..{len(candidates)} or raise prompt_chars")
-        return [candidates[i * len(candidates) // n] for i in range(n)]
+        return _spread([c for s in self.held_out for c in function_prefixes(s, prompt_chars)], n,
+                       f"the held-out modules have {{}} functions with a statement end within prompt_chars={prompt_chars}")
 
     def train_prompts(self, n: int, prompt_chars: int = 200, per_file: int = 4) -> list[str]:
         """``n`` prefixes of training functions, at most ``per_file`` from each file taken in the corpus's fixed
@@ -79,6 +76,23 @@ class Corpus:
             found = function_prefixes(source, prompt_chars)
             prompts += found[:: max(1, len(found) // per_file)][:per_file]
         return prompts[:n]
+
+
+def directory_prompts(path: str | os.PathLike, n: int, prompt_chars: int = 200) -> list[str]:
+    """``n`` function prefixes spread evenly over the Python files under ``path``: prompts from code that no
+    recipe reads (a checkout beside the project, say), as a second held-out set."""
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"No directory at {str(root)!r} to take prompts from.")
+    sources = [s for p in _walk(root) if (s := _read("prompts", root, p))]
+    return _spread([c for s in sources for c in function_prefixes(s, prompt_chars)], n,
+                   f"{str(root)!r} has {{}} functions with a statement end within prompt_chars={prompt_chars}")
+
+
+def _spread(candidates: list[str], n: int, has: str) -> list[str]:
+    if not 0 < n <= len(candidates):
+        raise ValueError(f"n={n}: {has.format(len(candidates))}; ask for 1..{len(candidates)}.")
+    return [candidates[i * len(candidates) // n] for i in range(n)]
 
 
 def function_prefixes(source: Source, prompt_chars: int) -> list[str]:

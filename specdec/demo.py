@@ -19,7 +19,7 @@ def run(prompts: int = 3, max_new_tokens: int = 64, device: str = "cpu", progres
     texts = models.prompts(prompts)
     record = bench.measure(models, texts, modes=("greedy",), max_new_tokens=max_new_tokens, progress=progress)
     dim, plain = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
-    for prompt, completion in zip(texts, record["completions"]["greedy: generate"]):
+    for prompt, completion in zip(texts, record["completions"]["greedy, batch 1: generate"]):
         print(f"{dim}{prompt}{plain}{completion}\n{'-' * 72}")
     print(bench.table(record["results"]))
     same = all(r["same_text"] for r in record["results"])

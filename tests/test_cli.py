@@ -13,11 +13,6 @@ from specdec import bench, cli, embedded
 BUDGET = 12_000_000  # bytes: the embedded default must stay small enough to ship inside the package
 
 
-@pytest.fixture(scope="module")
-def models():
-    return embedded.load()
-
-
 def test_embedded_default_fits_its_budget_and_holds_every_part(models):
     size = sum(f.stat().st_size for f in embedded.DEFAULT.rglob("*") if f.is_file())
     assert size <= BUDGET, f"the embedded models take {size:,} bytes, over the {BUDGET:,}-byte budget"
@@ -34,43 +29,76 @@ def test_embedded_default_fits_its_budget_and_holds_every_part(models):
 def test_bench_runs_every_strategy_and_greedy_text_matches_generate(models):
     record = bench.measure(models, models.prompts(2), max_new_tokens=12, progress=False)
     names = [s.name for s in bench.strategies(models)]
-    assert names == ["generate", "specdec, no drafter", "assisted: draft model", "assisted: prompt lookup",
-                     "specdec: draft model", "specdec: prompt lookup", "specdec: medusa", "specdec: eagle"]
+    assert names == ["generate", "generate, static cache", "specdec, no drafter", "assisted: draft model",
+                     "assisted: prompt lookup", "specdec: draft model", "specdec: prompt lookup", "specdec: medusa",
+                     "specdec: eagle"]
     rows = {(r["mode"], r["strategy"]): r for r in record["results"]}
     assert set(rows) == {(m, n) for m in ("greedy", "sample") for n in names}
     for (mode, name), r in rows.items():
-        assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["target_forwards"] > 0
+        assert r["batch"] == 1 and r["tokens"] > 0 and r["tokens_per_s"] > 0
         assert r["same_text"] is (True if mode == "greedy" else None), (mode, name)
-    assert rows["greedy", "generate"]["tau"] == 1.0 and rows["greedy", "generate"]["speedup"] == 1.0
+    assert rows["greedy", "generate"]["tau"] == 1.0 and rows["greedy", "generate"]["target_forwards"] is None
     assert rows["greedy", "specdec: medusa"]["acceptance_rate"] is not None
     assert rows["greedy", "assisted: draft model"]["acceptance_rate"] is None  # transformers does not say
-    assert set(record["summary"]) == {"greedy", "sample"}
-    assert record["completions"]["greedy: specdec: eagle"] == record["completions"]["greedy: generate"]
+    assert set(record["summary"]) == {"greedy, batch 1", "sample, batch 1"}
+    assert record["completions"]["greedy, batch 1: specdec: eagle"] == record["completions"]["greedy, batch 1: generate"]
     assert bench.table(record["results"]).count("\n") == len(record["results"]) + 1
 
 
+def test_bench_speedups_are_against_the_fastest_baseline_and_our_no_drafter_path(models):
+    record = bench.measure(models, models.prompts(2), modes=("greedy",), max_new_tokens=8, progress=False,
+                           only=["specdec: prompt lookup"])
+    rows = {r["strategy"]: r for r in record["results"]}
+    fastest = max(rows["generate"]["tokens_per_s"], rows["generate, static cache"]["tokens_per_s"])
+    lookup = rows["specdec: prompt lookup"]
+    assert lookup["x_fastest_baseline"] == pytest.approx(lookup["tokens_per_s"] / fastest, rel=1e-2)
+    assert lookup["fastest_baseline"] in ("generate", "generate, static cache")
+    assert lookup["x_no_drafter"] == pytest.approx(
+        lookup["tokens_per_s"] / rows["specdec, no drafter"]["tokens_per_s"], rel=1e-2)
+    summary = record["summary"]["greedy, batch 1"]
+    assert summary["best_ours"] == "specdec: prompt lookup" and summary["x_no_drafter"] == lookup["x_no_drafter"]
+
+
+def test_bench_batches_ragged_prompts_and_leaves_batch_one_strategies_out(models):
+    """Rows of different lengths share a batch, each row is checked against eager generate's, and transformers'
+    assisted generation (batch 1 only) is left out of batch 2."""
+    record = bench.measure(models, models.prompts(4), modes=("greedy",), batch_sizes=(1, 2), calls=2,
+                           max_new_tokens=8, progress=False)
+    by_batch = {b: [r for r in record["results"] if r["batch"] == b] for b in (1, 2)}
+    assert {r["rows"] for r in by_batch[1]} == {2} and {r["rows"] for r in by_batch[2]} == {4}
+    assert not any(r["strategy"].startswith("assisted") for r in by_batch[2])
+    assert all(r["same_text"] for r in record["results"]), [r["strategy"] for r in record["results"] if not r["same_text"]]
+    assert len(record["completions"]["greedy, batch 2: specdec: eagle"]) == 4
+    with pytest.raises(ValueError, match="batch_sizes"):
+        bench.measure(models, models.prompts(2), batch_sizes=(4,), progress=False)
+
+
 def test_bench_counts_target_forwards_for_transformers_strategies_too(models):
-    """τ is tokens per target forward, counted by a hook: plain generate makes one forward per token."""
+    """τ is tokens per target forward, counted by a hook for transformers' assisted generation."""
     record = bench.measure(models, models.prompts(1), modes=("greedy",), max_new_tokens=10, progress=False,
                            only=["assisted: prompt lookup"])
-    plain, lookup = record["results"]
-    assert plain["target_forwards"] == plain["tokens"] == 10
-    assert lookup["strategy"] == "assisted: prompt lookup" and lookup["target_forwards"] <= 10
+    lookup = record["results"][-1]
+    assert lookup["strategy"] == "assisted: prompt lookup" and 0 < lookup["target_forwards"] <= 10
+    assert lookup["tau"] == pytest.approx(lookup["tokens"] / lookup["target_forwards"], rel=1e-3)
 
 
 def test_cli_bench_writes_a_record_with_how_to_reproduce_it(tmp_path, capsys):
     """A compiled strategy warms up on every prompt: prompts of new lengths recompile the target (automatic
     dynamic shapes), and a timed call must not include that (it did on the GPU, 2026-11-24: 0.25x)."""
     out = tmp_path / "bench.json"
-    cli.main(["bench", "--prompts", "3", "--max-new-tokens", "8", "--modes", "greedy", "--compiled",
-              "--only", "specdec: medusa, compiled", "--device", "cpu", "--out", str(out)])
+    cli.main(["bench", "--prompts", "4", "--prompts-from", str(embedded.DEFAULT.parent), "--max-new-tokens", "8",
+              "--modes", "greedy", "--compiled", "--only", "specdec: medusa, compiled", "--device", "cpu",
+              "--calls", "3", "--out", str(out)])
     record = json.loads(out.read_text())
-    assert record["command"].startswith("specdec bench --prompts 3")
+    assert record["command"].startswith("specdec bench --prompts 4")
     assert record["device"].startswith("cpu") and record["dtype"] == "float32" and record["versions"]["torch"]
-    assert [r["strategy"] for r in record["results"]] == ["generate", "specdec: medusa, compiled"]
-    assert record["results"][1]["same_text"] is True
-    assert record["results"][1]["compiled_while_timed"] == 0
-    assert "| greedy | specdec: medusa, compiled |" in capsys.readouterr().out
+    assert [r["strategy"] for r in record["results"]] == ["generate", "generate, static cache",
+                                                          "specdec, no drafter", "specdec: medusa, compiled"]
+    assert record["results"][3]["same_text"] is True and record["results"][3]["rows"] == 3
+    assert record["results"][3]["compiled_while_timed"] == 0
+    assert len(record["prompt_sources"]) == 2 and "def " in record["prompts"][1]
+    assert "| greedy | 1 | specdec: medusa, compiled |" in capsys.readouterr().out
+    assert out.with_suffix(".md").read_text().startswith("| mode | batch | strategy |")
 
 
 def test_cli_demo_shows_identical_text(capsys):
@@ -82,12 +110,17 @@ def test_cli_refuses_bad_arguments_by_name(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--prompts", "0"])
     assert "--prompts 0" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="specdec: nonsense"):
-        cli.main(["bench", "--prompts", "1", "--only", "specdec: nonsense", "--device", "cpu"])
-    with pytest.raises(FileNotFoundError, match="--models"):
-        cli.main(["bench", "--models", str(tmp_path), "--device", "cpu"])
-    with pytest.raises(FileNotFoundError, match="--medusa"):
-        cli.main(["bench", "--medusa", str(tmp_path / "none"), "--device", "cpu"])
+    for argv, message in [(["--only", "specdec: nonsense"], "specdec: nonsense"),
+                          (["--models", str(tmp_path)], "--models"),
+                          (["--medusa", str(tmp_path / "none")], "--medusa"),
+                          (["--peer", "gpt-fast"], "NAME=PATH"),
+                          (["--peer", "vllm=x"], "peers known"),
+                          (["--shape", "llama-9"], "--shape 'llama-9'"),
+                          (["--batch-sizes", "2"], "batch_sizes")]:
+        with pytest.raises(SystemExit):
+            cli.main(["bench", "--prompts", "1", "--device", "cpu", *argv])
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("command", ["train-heads", "pretrain"])

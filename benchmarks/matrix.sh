@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The benchmark matrix of docs/benchmarks.md on one GPU lease: the `gpu` recipe's pair (197M target, 12.6M
+# draft, trained heads), and the same pair inflated to Llama-3-8B / Llama-3.2-1B shapes (`specdec inflate`,
+# in memory), against eager and static-cache transformers, assisted generation and gpt-fast.
+#   setsid nohup bash benchmarks/matrix.sh train >/dev/null 2>&1 &     # the pair, about 7 minutes
+#   setsid nohup bash benchmarks/matrix.sh tables 8b-b1 demo 8b-batches >/dev/null 2>&1 &
+#   bash benchmarks/matrix.sh smoke                                     # every code path once, small, foreground
+#   bash benchmarks/matrix.sh collect                                   # logs and finished tables to $OUT
+# gpt-fast comes from $PEER (default .peers/gpt-fast: a copy of ../shared/peers/gpt-fast carried with the call).
+set -uo pipefail
+W=${WORK:-/root/specdec-matrix}
+OUT=${OUT:-/tmp/out}
+PEER=${PEER:-$PWD/.peers/gpt-fast}
+export PYTHONUNBUFFERED=1
+OURS=("specdec: draft model" "specdec: prompt lookup" "specdec: medusa" "specdec: eagle")
+THEIRS=("assisted: draft model" "assisted: prompt lookup" "gpt-fast: speculative")
+COMPILED=("specdec, no drafter, compiled" "specdec: draft model, compiled")
+
+install() {  # a copy of the checkout per job: later calls re-sync the working tree, and a job must not see edits
+  mkdir -p "$W" && rm -rf "$W/src-$1" && cp -a . "$W/src-$1" && cd "$W/src-$1" || exit 1
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$W/install.log" 2>&1 || exit 1
+}
+
+bench() {  # one table per file, so a lease that ends early keeps the tables finished before it
+  local name=$1; shift
+  echo "== $name $(date -u +%FT%TZ)" >>"$W/bench.log"
+  python3 -m specdec bench --models "$W/gpu" --prompts-from "$PEER" --peer "gpt-fast=$PEER" "$@" \
+      --out "$W/$name.json" >>"$W/bench.log" 2>&1
+}
+
+train() {
+  install train
+  python3 -m specdec.pretrain --config gpu --out "$W/gpu" --compile >"$W/train.log" 2>&1 && touch "$W/trained"
+}
+
+tables() {
+  install tables
+  while [ ! -f "$W/trained" ]; do sleep 10; done
+  for table in "$@"; do
+    case $table in
+      8b-b1) bench 8b-b1 --shape llama-3-8b --draft-shape llama-3.2-1b --prompts 8 --batch-sizes 1 --calls 4 \
+                 --compiled --only "${OURS[@]}" "${THEIRS[@]}" "${COMPILED[@]}" ;;
+      demo) bench demo --prompts 64 --batch-sizes 1 4 16 64 --calls 2 --only "${OURS[@]}" "${THEIRS[@]}" ;;
+      8b-batches) bench 8b-batches --shape llama-3-8b --draft-shape llama-3.2-1b --prompts 64 --batch-sizes 4 16 64 \
+                      --calls 1 --only "${OURS[@]}" ;;
+    esac
+  done
+  touch "$W/tables-done"
+}
+
+smoke() {  # the embedded pair, inflated, every code path once at small sizes: run in the foreground
+  install smoke
+  python3 -m specdec bench --prompts 4 --prompts-from "$PEER" --peer "gpt-fast=$PEER" --batch-sizes 1 2 --calls 2 \
+      --max-new-tokens 24 --compiled --shape 1024,8,2048,32,8,32 --draft-shape 512,4,1024,16,8,32 \
+      --only "${OURS[@]}" "${THEIRS[@]}" "${COMPILED[@]}" --out "$W/smoke.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$"
+}
+
+collect() {
+  mkdir -p "$OUT"
+  for f in train.log bench.log; do [ -f "$W/$f" ] && tr '\r' '\n' <"$W/$f" | grep -v '^ *$' | tail -c 2000000 >"$OUT/$f"; done
+  for f in "$W"/*.json; do [ -f "$f" ] && cp "$f" "$OUT/"; done  # at most 8 files come back: no .md
+  [ -f "$W/gpu/recipe.json" ] && cp "$W/gpu/recipe.json" "$OUT/recipe-gpu.json"
+  for f in trained tables-done; do [ -f "$W/$f" ] && echo "$f"; done
+  [ -f "$OUT/train.log" ] && tail -n 3 "$OUT/train.log"
+  [ -f "$OUT/bench.log" ] && grep -E "^==|our fastest|Error|error" "$OUT/bench.log" | tail -n 30
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null
+}
+
+"$@"
