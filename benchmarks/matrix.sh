@@ -3,7 +3,8 @@
 # draft, trained heads), and the same pair inflated to Llama-3-8B / Llama-3.2-1B shapes (`specdec inflate`,
 # in memory), against eager and static-cache transformers, assisted generation and gpt-fast.
 #   setsid nohup bash benchmarks/matrix.sh train >/dev/null 2>&1 &     # the pair, about 7 minutes
-#   setsid nohup bash benchmarks/matrix.sh tables 8b-b1 demo 8b-batches >/dev/null 2>&1 &
+#   setsid nohup bash benchmarks/matrix.sh tables 8b-b1 demo 8b-b1-compiled 8b-batches >/dev/null 2>&1 &
+# MODELS=embedded runs the tables on the pair shipped in the package instead, with no training.
 #   bash benchmarks/matrix.sh smoke                                     # every code path once, small, foreground
 #   bash benchmarks/matrix.sh collect                                   # logs and finished tables to $OUT
 # gpt-fast comes from $PEER (default .peers/gpt-fast: a copy of ../shared/peers/gpt-fast carried with the call).
@@ -11,6 +12,7 @@ set -uo pipefail
 W=${WORK:-/root/specdec-matrix}
 OUT=${OUT:-/tmp/out}
 PEER=${PEER:-$PWD/.peers/gpt-fast}
+MODELS=${MODELS:-$W/gpu}  # "embedded": the pair shipped in the package, no training
 export PYTHONUNBUFFERED=1
 OURS=("specdec: draft model" "specdec: prompt lookup" "specdec: medusa" "specdec: eagle")
 THEIRS=("assisted: draft model" "assisted: prompt lookup" "gpt-fast: speculative")
@@ -24,7 +26,8 @@ install() {  # a copy of the checkout per job: later calls re-sync the working t
 bench() {  # one table per file, so a lease that ends early keeps the tables finished before it
   local name=$1; shift
   echo "== $name $(date -u +%FT%TZ)" >>"$W/bench.log"
-  python3 -m specdec bench --models "$W/gpu" --prompts-from "$PEER" --peer "gpt-fast=$PEER" "$@" \
+  local models=(--models "$MODELS"); [ "$MODELS" = embedded ] && models=()
+  python3 -m specdec bench "${models[@]}" --prompts-from "$PEER" --peer "gpt-fast=$PEER" "$@" \
       --out "$W/$name.json" >>"$W/bench.log" 2>&1
 }
 
@@ -35,11 +38,15 @@ train() {
 
 tables() {
   install tables
-  while [ ! -f "$W/trained" ]; do sleep 10; done
+  while [ "$MODELS" != embedded ] && [ ! -f "$W/trained" ]; do sleep 10; done
   for table in "$@"; do
     case $table in
       8b-b1) bench 8b-b1 --shape llama-3-8b --draft-shape llama-3.2-1b --prompts 8 --batch-sizes 1 --calls 4 \
-                 --compiled --only "${OURS[@]}" "${THEIRS[@]}" "${COMPILED[@]}" ;;
+                 --only "${OURS[@]}" "${THEIRS[@]}" ;;
+      8b-b1-greedy) bench 8b-b1-greedy --shape llama-3-8b --draft-shape llama-3.2-1b --prompts 4 --batch-sizes 1 \
+                 --calls 2 --modes greedy --only "${OURS[@]}" "assisted: prompt lookup" ;;
+      8b-b1-compiled) bench 8b-b1-compiled --shape llama-3-8b --draft-shape llama-3.2-1b --prompts 8 --batch-sizes 1 \
+                 --calls 4 --modes greedy --compiled --only "${COMPILED[@]}" ;;
       demo) bench demo --prompts 64 --batch-sizes 1 4 16 64 --calls 2 --only "${OURS[@]}" "${THEIRS[@]}" ;;
       8b-batches) bench 8b-batches --shape llama-3-8b --draft-shape llama-3.2-1b --prompts 64 --batch-sizes 4 16 64 \
                       --calls 1 --only "${OURS[@]}" ;;

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from . import heads
 from .drafters import DraftModel, PromptLookup
 from .embedded import Models
+from .forward import cache_keyword
 from .generate import generate
 from .session import release
 
@@ -117,7 +118,7 @@ def _static_cache(target, max_length: int):
     from transformers import StaticCache
 
     caches = {}
-    keyword = "cache" if "cache" in _forward_parameters(target) else "past_key_values"
+    keyword = cache_keyword(target)
 
     def run(ids, mask, **kw):
         cache = caches.get(ids.shape[0])
@@ -126,12 +127,6 @@ def _static_cache(target, max_length: int):
         cache.reset()
         return target.generate(ids, attention_mask=mask, **{keyword: cache}, **kw), None
     return run
-
-
-def _forward_parameters(model) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(model.forward).parameters)
 
 
 def _ours(target, drafter, **options):
@@ -214,11 +209,12 @@ def gpu_busy_seconds(run, device: torch.device) -> float | None:
 
 def measure(models: Models, prompts: list[str], *, modes=("greedy", "sample"), batch_sizes=(1,),
             max_new_tokens: int = 128, calls: int = 4, only: list[str] | None = None, seed: int = 0,
-            progress: bool = True, **options) -> dict:
+            progress: bool = True, after_cell=None, **options) -> dict:
     """Runs every strategy (or those named in ``only``, beside the baselines and our no-drafter path) in each mode at
     each batch size: batch b takes up to ``calls`` batches of b ragged, left-padded prompts, after one untimed
-    warm-up call (a compiling strategy warms up on every batch). Returns per-cell totals and completions.
-    ``options`` go to ``strategies``."""
+    warm-up call (a compiling strategy warms up on every batch). Returns per-cell totals and completions;
+    ``after_cell(results)`` sees the rows so far after each cell (a long run can save them). ``options`` go to
+    ``strategies``."""
     unknown = set(modes) - set(MODES)
     if unknown:
         raise ValueError(f"`modes` {sorted(unknown)} unknown; choose from {sorted(MODES)}.")
@@ -236,9 +232,14 @@ def measure(models: Models, prompts: list[str], *, modes=("greedy", "sample"), b
     for b, mode, strategy in tqdm(cells, disable=not progress, desc="bench"):
         row, outputs = _cell(models, strategy, batches[b], {**MODES[mode], **settings}, seed, stops)
         reference = references.setdefault((b, mode), outputs)
+        greedy = mode == "greedy"
         results.append({"mode": mode, "batch": b, "strategy": strategy.name, "family": strategy.family, **row,
-                        "same_text": _same(outputs, reference) if mode == "greedy" else None})
+                        "same_text": _same(outputs, reference) if greedy else None,
+                        "agreement": _agreement(outputs, reference) if greedy else None})
         texts[f"{mode}, batch {b}: {strategy.name}"] = [tok.decode(o, skip_special_tokens=True) for o in outputs]
+        if after_cell is not None:
+            _speedups(results)
+            after_cell(results)
     _speedups(results)
     return {"results": results, "summary": summarize(results), "completions": texts}
 
@@ -281,6 +282,14 @@ def _new_tokens(sequences: torch.Tensor, width: int, stops: set[int], pad: int |
 def _same(outputs: list[list[int]], reference: list[list[int]]) -> bool:
     """Equal rows; a row longer than the reference's (gpt-fast runs past eos) is compared over its length."""
     return len(outputs) == len(reference) and all(o[:len(r)] == r for o, r in zip(outputs, reference))
+
+
+def _agreement(outputs: list[list[int]], reference: list[list[int]]) -> float:
+    """The share of the reference's tokens before each row first differs from it: in bf16, two correct
+    implementations part at the first near-tie their different kernels round apart, and this says how late."""
+    common = sum(next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), min(len(o), len(r)))
+                 for o, r in zip(outputs, reference))
+    return round(common / max(sum(map(len, reference)), 1), 3)
 
 
 def _cell(models: Models, strategy: Strategy, batches: list[dict], kwargs: dict, seed: int, stops) -> tuple:
@@ -364,7 +373,7 @@ def table(results: list[dict]) -> str:
              "|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in results:
         acc = "" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}"
-        same = "" if r["same_text"] is None else ("yes" if r["same_text"] else "**no**")
+        same = "" if r["same_text"] is None else "yes" if r["same_text"] else f"no ({100 * r['agreement']:.0f}%)"
         busy = "" if r.get("gpu_busy") is None else f"{100 * r['gpu_busy']:.0f}%"
         peak = "" if r.get("peak_gb") is None else f"{r['peak_gb']:.1f}"
         x_ours = "" if r.get("x_no_drafter") is None else f"{r['x_no_drafter']:.2f}x"

@@ -149,13 +149,17 @@ def _bench(args, argv) -> None:
     models = embedded.load(args.models, target=args.target, draft=args.draft, medusa=args.medusa, eagle=args.eagle,
                            device=args.device, dtype=getattr(torch, dtype))
     prompts, sources = _prompts(models, args)
+    def save_partial(results):  # a run cut short keeps the cells it finished
+        if args.out:
+            bench.write(args.out, {"command": "specdec bench " + " ".join(argv[1:]), "partial": True, "results": results})
+
     with tempfile.TemporaryDirectory() as heads_dir:
         if args.shape or args.draft_shape:
             models = inflate_models(models, _shape(args.shape), _shape(args.draft_shape), heads_dir=heads_dir)
         record = bench.measure(models, prompts, modes=args.modes, batch_sizes=args.batch_sizes, calls=args.calls,
                                max_new_tokens=args.max_new_tokens, only=args.only, seed=args.seed, peers=peers,
                                draft_tokens=args.draft_tokens, lookup_tokens=args.lookup_tokens,
-                               compiled=args.compiled, dynamic=args.dynamic)
+                               compiled=args.compiled, dynamic=args.dynamic, after_cell=save_partial)
     record = {"command": "specdec bench " + " ".join(argv[1:]), **bench.environment(models),
               "settings": {k: v for k, v in vars(args).items() if k not in ("command", "out")},
               "prompt_sources": sources, "prompts": prompts, **record}

@@ -10,6 +10,7 @@ mask creation passes through unchanged to eager and SDPA attention. Models with 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,13 @@ from . import attention
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def cache_keyword(model) -> str:
+    """The name ``model``'s forward takes its cache under: transformers 5.40 drops ``past_key_values`` for
+    ``cache`` (from 5.2x both work, the old one with a warning); earlier versions know only the old one."""
+    forward = type(getattr(model, "_orig_mod", model)).forward  # a compiled model: the module it wraps
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def layer_windows(config) -> dict[str, int | None] | int | None:
@@ -95,7 +103,7 @@ def forward_nodes(
     node sees (its ancestors and itself). Every node sees at least itself, so no softmax row is empty.
     """
     region_start = cache.get_seq_length() + tokens.shape[1] - region_visible.shape[-1]
-    inputs = dict(position_ids=positions, past_key_values=cache, use_cache=True)
+    inputs = {"position_ids": positions, cache_keyword(model): cache, "use_cache": True}
     inputs["input_ids" if tokens.dtype == torch.long else "inputs_embeds"] = tokens
     if attention.use_kernel(tokens.device, attention.head_dim(model.config)):
         tree = attention.TreeInputs.build(prefix.start, prefix.end, region_start, region_visible, positions,

@@ -218,6 +218,7 @@ def generate(
     generation_config=None,
     streamer=None,
     past_key_values=None,
+    cache=None,
     fast_path: bool | None = None,
     compile: bool = False,
     fuse_projections: bool = True,
@@ -248,6 +249,10 @@ def generate(
     buffer, without copying the model or changing its parameters' names or values.
     """
     check_model(model, "model")
+    if cache is not None:  # transformers 5.40's name for past_key_values
+        if past_key_values is not None:
+            raise ValueError("Pass the prompt's cache as `cache` or as `past_key_values`, not both.")
+        past_key_values = cache
     drafter = _resolve_drafter(drafter, assistant_model, prompt_lookup_num_tokens)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ValueError("`input_ids` must be a LongTensor of shape (batch, prompt_length).")

@@ -1,9 +1,13 @@
 """The drop-in surface: transformers' keyword arguments, return types, streamer, wrap()."""
 
+import warnings
+
+import pytest
 import torch
-from transformers import GenerationConfig
+from transformers import DynamicCache, GenerationConfig
 
 import specdec
+from specdec.forward import cache_keyword
 from models import perturbed, prompts, tiny
 
 
@@ -103,3 +107,25 @@ def test_no_drafter_costs_one_target_forward_per_token_as_generate_does():
         hook.remove()
     assert ours == len(calls) == res.stats.target_forwards == 10
     assert res.stats.steps == 9 and res.stats.new_tokens == 10
+
+
+def test_the_cache_goes_under_the_name_the_installed_transformers_takes():
+    """transformers 5.2x warns on `past_key_values=` and 5.40 drops it for `cache=`; 5.17 knows only the
+    old name. Before, every step passed `past_key_values=` and 5.24 warned on each forward."""
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None):
+            return input_ids
+
+    assert cache_keyword(Old()) == "past_key_values"
+    model, draft = tiny(), tiny(seed=1, num_hidden_layers=1)
+    assert cache_keyword(torch.compile(model)) == cache_keyword(model)
+    ids = prompts(1, 9, 0)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        out = specdec.generate(model, ids, assistant_model=draft, max_new_tokens=6)
+    prefix = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids[:, :5], **{cache_keyword(model): prefix})
+    assert torch.equal(specdec.generate(model, ids, cache=prefix, max_new_tokens=6), out)
+    with pytest.raises(ValueError, match="not both"):
+        specdec.generate(model, ids, cache=prefix, past_key_values=prefix, max_new_tokens=6)

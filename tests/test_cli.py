@@ -68,9 +68,18 @@ def test_bench_batches_ragged_prompts_and_leaves_batch_one_strategies_out(models
     assert {r["rows"] for r in by_batch[1]} == {2} and {r["rows"] for r in by_batch[2]} == {4}
     assert not any(r["strategy"].startswith("assisted") for r in by_batch[2])
     assert all(r["same_text"] for r in record["results"]), [r["strategy"] for r in record["results"] if not r["same_text"]]
+    assert {r["agreement"] for r in record["results"]} == {1.0}
     assert len(record["completions"]["greedy, batch 2: specdec: eagle"]) == 4
     with pytest.raises(ValueError, match="batch_sizes"):
         bench.measure(models, models.prompts(2), batch_sizes=(4,), progress=False)
+
+
+def test_agreement_is_the_share_of_reference_tokens_before_rows_part():
+    reference = [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10]]
+    assert bench._agreement(reference, reference) == 1.0
+    assert bench._agreement([[1, 2, 0, 4], [5, 6, 7, 8, 9, 10, 11]], reference) == 0.8
+    assert bench._same([[1, 2, 3, 4, 2], [5, 6, 7, 8, 9, 10]], reference)  # gpt-fast runs on past eos
+    assert not bench._same([[1, 2, 0, 4], [5, 6, 7, 8, 9, 10]], reference)
 
 
 def test_bench_counts_target_forwards_for_transformers_strategies_too(models):
