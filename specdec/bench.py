@@ -140,6 +140,7 @@ def _ours(target, drafter, **options):
 
 
 def _peers(models: Models, peers: dict, draft_tokens: int, max_length: int) -> list[Strategy]:
+    """The peers' strategies; each converted model is checked against transformers' logits first."""
     unknown = set(peers) - set(PEERS)
     if unknown:
         raise ValueError(f"`peers` names {sorted(unknown)}; the peers known are {list(PEERS)} (gpt-fast=PATH).")
@@ -148,6 +149,8 @@ def _peers(models: Models, peers: dict, draft_tokens: int, max_length: int) -> l
     from .gpt_fast import GptFast
 
     peer = GptFast(peers["gpt-fast"], models.target, models.draft, speculate_k=draft_tokens, max_length=max_length)
+    probe = models.tokenizer(models.prompts(1), return_tensors="pt").input_ids
+    peer.check(models.target, probe)
 
     def call(method, counted: bool):
         def run(ids, mask, *, max_new_tokens, do_sample=False, temperature=1.0, **_):
@@ -373,9 +376,10 @@ def table(results: list[dict]) -> str:
              "|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in results:
         acc = "" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}"
-        same = "" if r["same_text"] is None else "yes" if r["same_text"] else f"no ({100 * r['agreement']:.0f}%)"
+        parted = "" if r.get("agreement") is None else f" ({100 * r['agreement']:.0f}%)"
+        same = "" if r["same_text"] is None else "yes" if r["same_text"] else f"no{parted}"
         busy = "" if r.get("gpu_busy") is None else f"{100 * r['gpu_busy']:.0f}%"
-        peak = "" if r.get("peak_gb") is None else f"{r['peak_gb']:.1f}"
+        peak = "" if r.get("peak_gb") is None else f"{r['peak_gb']:.2f}"
         x_ours = "" if r.get("x_no_drafter") is None else f"{r['x_no_drafter']:.2f}x"
         compiling = "†" if r.get("compiled_while_timed") else ""
         lines.append(f"| {r['mode']} | {r['batch']} | {r['strategy']} | {r['tokens_per_s']:.1f}{compiling} | "

@@ -8,8 +8,16 @@ from pathlib import Path
 
 import torch
 
-SHAPE_NAMES = ("llama-3.2-1b", "llama-3-8b", "llama-3-70b")
+from .inflate import SHAPES
+
 DELEGATED = {"train-heads": "specdec.heads.train", "pretrain": "specdec.pretrain"}
+
+
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it has one worth saying (not None, not an off flag)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,8 +28,16 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=64)
     demo.add_argument("--device", default="cpu")
 
+    _bench_parser(sub)
+    _inflate_parser(sub)
+    for name in DELEGATED:
+        sub.add_parser(name, help=f"see `specdec {name} --help`", add_help=False)
+    return parser
+
+
+def _bench_parser(sub) -> None:
     bench = sub.add_parser(
-        "bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "bench", formatter_class=_Defaults,
         help="tokens/s, τ and speedups of every strategy against the baselines, as a table and JSON",
         description="Baselines, in the same run: generate (transformers, eager: the reference text); generate, "
                     "static cache (transformers compiles its decode step on a GPU); assisted: draft model and "
@@ -33,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     for part in ("target", "draft", "medusa", "eagle"):
         bench.add_argument(f"--{part}", help=f"the {part} by its own path, replacing --models'")
     bench.add_argument("--shape", help="inflate the target to this shape first (function-preserving; "
-                       f"heads with it): {', '.join(SHAPE_NAMES)}")
+                       f"heads with it): {', '.join(tuple(SHAPES))}")
     bench.add_argument("--draft-shape", help="inflate the draft model to this shape first")
     bench.add_argument("--prompts", type=int, default=8, help="prompts: held-out code, half from --prompts-from")
     bench.add_argument("--prompts-from", metavar="DIR", help="a directory of Python code no recipe reads, for "
@@ -57,20 +73,19 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--out", help="write the record as JSON here, and the table as Markdown beside it")
 
+
+def _inflate_parser(sub) -> None:
     inflate = sub.add_parser(
-        "inflate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "inflate", formatter_class=_Defaults,
         help="rewrite a model at a larger shape that computes the same function",
         description="SRC is a model directory (save_pretrained) or a directory `specdec pretrain` wrote; from the "
                     "latter the target is inflated to --shape with its heads, and the draft to --draft-shape.")
     inflate.add_argument("src")
     inflate.add_argument("out")
-    inflate.add_argument("--shape", required=True, help=f"{', '.join(SHAPE_NAMES)}, or HIDDEN,LAYERS,"
+    inflate.add_argument("--shape", required=True, help=f"{', '.join(tuple(SHAPES))}, or HIDDEN,LAYERS,"
                          "INTERMEDIATE,HEADS,KV_HEADS,HEAD_DIM")
-    inflate.add_argument("--draft-shape", help="the draft's shape (default: the draft is copied as it is)")
-    inflate.add_argument("--device", default="cpu")
-    for name in DELEGATED:
-        sub.add_parser(name, help=f"see `specdec {name} --help`", add_help=False)
-    return parser
+    inflate.add_argument("--draft-shape", help="the draft's shape (without it the draft is copied as it is)")
+    inflate.add_argument("--device", default="cpu", help="where to build it (a GPU is far faster at 8B and up)")
 
 
 def main(argv=None) -> None:

@@ -229,6 +229,19 @@ class GptFast:
         prompt = self._prompt(input_ids, 0)
         return self.target(prompt[None], torch.arange(prompt.shape[0], device=self.device))
 
+    @torch.no_grad()
+    def check(self, target: torch.nn.Module, input_ids: torch.Tensor) -> float:
+        """Refuses to time a conversion that computes another function: the converted target's logits over
+        ``input_ids`` (1, T) against ``target``'s, by relative norm (fp32 agrees to about 1e-6, bf16 to 1e-2)."""
+        theirs = self.logits(input_ids).float()
+        ours = target(input_ids.to(self.device)).logits.float()
+        error = float((theirs - ours).norm() / ours.norm())
+        limit = 5e-2 if target.dtype in (torch.bfloat16, torch.float16) else 1e-4
+        if not error < limit:
+            raise ValueError(f"gpt-fast's converted model gives logits {error:.2g} away from transformers' "
+                             f"(relative norm, limit {limit:g}): its conversion does not fit this model.")
+        return error
+
     def plain(self, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: bool = False,
               temperature: float = 1.0) -> tuple[torch.Tensor, dict]:
         """gpt-fast's plain decoding: ``input_ids`` (1, P) -> (sequences (1, P + max_new_tokens), counts)."""

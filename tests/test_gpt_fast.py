@@ -94,3 +94,16 @@ def test_bench_times_gpt_fast_beside_ours_with_the_same_text(models, path):
     speculative = rows["gpt-fast: speculative"]
     assert speculative["same_text"] and rows["gpt-fast: plain"]["same_text"]
     assert speculative["tau"] > 1 and 0 < speculative["acceptance_rate"] <= 1
+
+
+def test_a_conversion_that_computes_another_function_is_refused_before_timing(models, peer):
+    ids = models.tokenizer(models.prompts(1), return_tensors="pt").input_ids
+    assert peer.check(models.target, ids) < 1e-4
+    with torch.no_grad():
+        peer.target.layers[0].attention.wqkv.weight[:8].neg_()  # a wrong RoPE permutation would look like this
+    try:
+        with pytest.raises(ValueError, match="conversion does not fit"):
+            peer.check(models.target, ids)
+    finally:
+        with torch.no_grad():
+            peer.target.layers[0].attention.wqkv.weight[:8].neg_()
