@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -34,8 +35,9 @@ def save(head, path, training: dict | None = None) -> None:
     config = {"kind": head.kind, "options": head.options, "target": head.target_fingerprint,
               "training": training or {}}
     state = {name: tensor.detach().contiguous() for name, tensor in head.state_dict().items()}
-    save_file(state, path / WEIGHTS)
     (path / CONFIG).write_text(json.dumps(config, indent=1))
+    save_file(state, path / WEIGHTS)
+    os.chmod(path / WEIGHTS, (path / CONFIG).stat().st_mode & 0o777)  # safetensors writes 0600 whatever the umask
 
 
 def read_config(path) -> dict:

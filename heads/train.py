@@ -270,9 +270,13 @@ def train(target, tokenizer, sources, *, kind: str = "medusa", out="heads", step
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="specdec-train-heads",
+    from specdec.cli import HelpWithDefaults
+    from specdec.embedded import DEFAULT
+
+    p = argparse.ArgumentParser(prog="specdec-train-heads", formatter_class=HelpWithDefaults,
                                 description="Train Medusa heads or an EAGLE head on a frozen target.")
-    p.add_argument("--target", required=True, help="the target model (path or name for AutoModelForCausalLM)")
+    p.add_argument("--target", required=True,
+                   help="the target model: a path for AutoModelForCausalLM, or `embedded` for the shipped target")
     p.add_argument("--kind", required=True, choices=sorted(KINDS))
     p.add_argument("--data", required=True, nargs="+",
                    help='JSONL files of {"prompt"[, "response"]}, {"text"} or {"messages"}; other files are plain text')
@@ -281,10 +285,12 @@ def main(argv=None) -> None:
     p.add_argument("--epochs", type=int, help="passes over the data (default 1 without --steps)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, help=f"AdamW learning rate (default {DEFAULT_LR})")
-    p.add_argument("--max-length", type=int, default=1024, help="tokens per training sequence")
+    p.add_argument("--max-length", type=int, help="tokens per training sequence (default: the target's "
+                   "max_position_embeddings)")
     p.add_argument("--self-distil", action="store_true", help="train on the target's own greedy responses")
     p.add_argument("--distil-tokens", type=int, default=256, help="tokens per self-distilled response")
     p.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace finished heads already in --out")
     p.add_argument("--tokenizer", help="tokenizer path (default: --target)")
     p.add_argument("--eval-prompts", type=int, default=8, help="prompts held out to measure acceptance")
     p.add_argument("--eval-tokens", type=int, default=64, help="new tokens per held-out prompt")
@@ -296,15 +302,22 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = vars(p.parse_args(argv))  # the other options are train()'s keyword arguments, same names
     path, tokenizer_path, device, sources = (args.pop(k) for k in ("target", "tokenizer", "device", "data"))
+    path = DEFAULT / "target" if path == "embedded" else path
     options = {k: v for k in ("num_heads", "num_layers") if (v := args.pop(k)) is not None}
     if options and args["kind"] != "medusa":
         p.error("--num-heads and --num-layers are Medusa options; drop them for --kind eagle.")
+    out = Path(args["out"])
+    if (out / "heads.safetensors").is_file() and not (args["resume"] or args.pop("overwrite")):
+        p.error(f"--out {str(out)!r} holds finished heads; pass --overwrite to replace them, or --resume to continue.")
+    args.pop("overwrite", None)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path)
     target = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+    args["max_length"] = args["max_length"] or getattr(target.config, "max_position_embeddings", None) or 1024
     try:
         train(target, tokenizer, sources, **args, **options)
     except ValueError as e:
         raise SystemExit(f"specdec-train-heads: error: {e}") from e
+    print(f"saved the {args['kind']} heads in {str(out)!r} (config.json, heads.safetensors; {CHECKPOINT} resumes)")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +38,6 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
-from . import heads
-from .drafters import DraftModel, PromptLookup
 from .embedded import Models
 from .forward import cache_keyword
 from .generate import generate
@@ -78,13 +77,8 @@ def strategies(models: Models, *, draft_tokens: int = 6, lookup_tokens: int = 10
     found = [Strategy("generate", REFERENCE, _transformers(target)),
              Strategy("generate, static cache", BASELINE, _static_cache(target, max_length), compiles=True)]
     found += _peers(models, peers or {}, draft_tokens, max_length)
-    drafters = {NO_DRAFTER: None}
-    if models.draft is not None:
-        drafters["specdec: draft model"] = DraftModel(models.draft, num_draft_tokens=draft_tokens)
-    drafters["specdec: prompt lookup"] = PromptLookup(num_draft_tokens=lookup_tokens)
-    for kind in ("medusa", "eagle"):
-        if getattr(models, kind) is not None:
-            drafters[f"specdec: {kind}"] = heads.load(getattr(models, kind), target)
+    drafters = {NO_DRAFTER: None} | {f"specdec: {name}": drafter
+                                     for name, drafter in models.drafters(draft_tokens, lookup_tokens).items()}
     for name, drafter in drafters.items():
         found.append(Strategy(name, OURS, _ours(target, drafter)))
         if dynamic:
@@ -211,11 +205,12 @@ def gpu_busy_seconds(run, device: torch.device) -> float | None:
 
 
 def measure(models: Models, prompts: list[str], *, modes=("greedy", "sample"), batch_sizes=(1,),
-            max_new_tokens: int = 128, calls: int = 4, only: list[str] | None = None, seed: int = 0,
-            progress: bool = True, after_cell=None, **options) -> dict:
+            max_new_tokens: int = 128, calls: int = 4, repeats: int = 1, only: list[str] | None = None,
+            seed: int = 0, progress: bool = True, after_cell=None, **options) -> dict:
     """Runs every strategy (or those named in ``only``, beside the baselines and our no-drafter path) in each mode at
     each batch size: batch b takes up to ``calls`` batches of b ragged, left-padded prompts, after one untimed
-    warm-up call (a compiling strategy warms up on every batch). Returns per-cell totals and completions;
+    warm-up call (a compiling strategy warms up on every batch); each batch's time is the median of
+    ``repeats`` calls (on a CPU one call's time swings widely). Returns per-cell totals and completions;
     ``after_cell(results)`` sees the rows so far after each cell (a long run can save them). ``options`` go to
     ``strategies``."""
     unknown = set(modes) - set(MODES)
@@ -233,7 +228,7 @@ def measure(models: Models, prompts: list[str], *, modes=("greedy", "sample"), b
     cells = [(b, mode, s) for b in batch_sizes for mode in modes for s in chosen if not (s.batch_one and b > 1)]
     results, texts, references = [], {}, {}
     for b, mode, strategy in tqdm(cells, disable=not progress, desc="bench"):
-        row, outputs = _cell(models, strategy, batches[b], {**MODES[mode], **settings}, seed, stops)
+        row, outputs = _cell(models, strategy, batches[b], {**MODES[mode], **settings}, seed, stops, repeats)
         reference = references.setdefault((b, mode), outputs)
         greedy = mode == "greedy"
         results.append({"mode": mode, "batch": b, "strategy": strategy.name, "family": strategy.family, **row,
@@ -295,7 +290,8 @@ def _agreement(outputs: list[list[int]], reference: list[list[int]]) -> float:
     return round(common / max(sum(map(len, reference)), 1), 3)
 
 
-def _cell(models: Models, strategy: Strategy, batches: list[dict], kwargs: dict, seed: int, stops) -> tuple:
+def _cell(models: Models, strategy: Strategy, batches: list[dict], kwargs: dict, seed: int, stops,
+          repeats: int = 1) -> tuple:
     """One strategy at one mode and batch size: warm-up, timed calls, then one profiled call."""
     target, device = models.target, models.target.device
     for model in (target, models.draft):
@@ -309,10 +305,13 @@ def _cell(models: Models, strategy: Strategy, batches: list[dict], kwargs: dict,
         torch.cuda.reset_peak_memory_stats(device)
     tokens, seconds, passes, row_passes, drafted, accepted, rows, outputs = 0, 0.0, 0, 0, 0, 0, 0, []
     for n, x in enumerate(batches):
-        torch.manual_seed(seed + n)
-        start = _sync(device)
-        sequences, counts = strategy.run(x["input_ids"], x["attention_mask"], **kwargs)
-        seconds += _sync(device) - start
+        times = []
+        for _ in range(repeats):
+            torch.manual_seed(seed + n)
+            start = _sync(device)
+            sequences, counts = strategy.run(x["input_ids"], x["attention_mask"], **kwargs)
+            times.append(_sync(device) - start)
+        seconds += statistics.median(times)
         new = _new_tokens(sequences, x["input_ids"].shape[1], stops, kwargs["pad_token_id"])
         outputs += new
         tokens += sum(map(len, new))

@@ -13,7 +13,7 @@ from .inflate import SHAPES
 DELEGATED = {"train-heads": "specdec.heads.train", "pretrain": "specdec.pretrain"}
 
 
-class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
     """Shows an option's default where it has one worth saying (not None, not an off flag)."""
 
     def _get_help_string(self, action):
@@ -23,10 +23,13 @@ class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specdec", description="Lossless speculative decoding.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench,inflate,train-heads,pretrain}")
-    demo = sub.add_parser("demo", help="the embedded models: plain generate against each drafter")
+    demo = sub.add_parser("demo", formatter_class=HelpWithDefaults,
+                          help="the embedded models: plain generate against each drafter")
     demo.add_argument("--prompts", type=int, default=3, help="held-out code prompts to complete")
     demo.add_argument("--max-new-tokens", type=int, default=64)
     demo.add_argument("--device", default="cpu")
+    demo.add_argument("--repeats", type=int, default=3, help="timed calls per prompt; tokens/s from their median")
+    demo.add_argument("--threads", type=int, help="torch threads, fixed for the run (default: torch's)")
 
     _bench_parser(sub)
     _inflate_parser(sub)
@@ -37,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _bench_parser(sub) -> None:
     bench = sub.add_parser(
-        "bench", formatter_class=_Defaults,
+        "bench", formatter_class=HelpWithDefaults,
         help="tokens/s, τ and speedups of every strategy against the baselines, as a table and JSON",
         description="Baselines, in the same run: generate (transformers, eager: the reference text); generate, "
                     "static cache (transformers compiles its decode step on a GPU); assisted: draft model and "
@@ -76,7 +79,7 @@ def _bench_parser(sub) -> None:
 
 def _inflate_parser(sub) -> None:
     inflate = sub.add_parser(
-        "inflate", formatter_class=_Defaults,
+        "inflate", formatter_class=HelpWithDefaults,
         help="rewrite a model at a larger shape that computes the same function",
         description="SRC is a model directory (save_pretrained) or a directory `specdec pretrain` wrote; from the "
                     "latter the target is inflated to --shape with its heads, and the draft to --draft-shape.")
@@ -98,7 +101,7 @@ def main(argv=None) -> None:
         return module.main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
-    numbers = {"demo": ("prompts", "max_new_tokens"), "inflate": (),
+    numbers = {"demo": ("prompts", "max_new_tokens", "repeats"), "inflate": (),
                "bench": ("prompts", "max_new_tokens", "draft_tokens", "lookup_tokens", "calls")}[args.command]
     for name in numbers:
         if getattr(args, name) < 1:
@@ -110,7 +113,7 @@ def main(argv=None) -> None:
         if args.command == "demo":
             from .demo import run
 
-            run(args.prompts, args.max_new_tokens, args.device)
+            run(args.prompts, args.max_new_tokens, args.device, repeats=args.repeats, threads=args.threads)
         elif args.command == "inflate":
             _inflate(args)
         else:

@@ -33,6 +33,19 @@ class Models:
     eagle: Path | None = None
     recipe: dict = field(default_factory=dict)
 
+    def drafters(self, draft_tokens: int = 6, lookup_tokens: int = 10) -> dict:
+        """Every drafter these models make, ready for ``generate(drafter=...)``: "draft model", "prompt lookup",
+        and "medusa" and "eagle" (the saved heads, loaded for this target) where present."""
+        from . import heads
+        from .drafters import DraftModel, PromptLookup
+
+        found = {} if self.draft is None else {"draft model": DraftModel(self.draft, num_draft_tokens=draft_tokens)}
+        found["prompt lookup"] = PromptLookup(num_draft_tokens=lookup_tokens)
+        for kind in ("medusa", "eagle"):
+            if getattr(self, kind) is not None:
+                found[kind] = heads.load(getattr(self, kind), self.target)
+        return found
+
     def prompts(self, n: int, prompt_chars: int = 200) -> list[str]:
         """``n`` prefixes of functions from the modules the recipe held out of training."""
         return held_out_modules().held_out_prompts(n, prompt_chars)

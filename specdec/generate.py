@@ -9,7 +9,9 @@ and cache are never modified.
 from __future__ import annotations
 
 import functools
+import os
 import time
+import warnings
 
 import torch
 from transformers.cache_utils import DynamicCache
@@ -40,8 +42,38 @@ def _resolve_drafter(drafter, assistant_model, prompt_lookup_num_tokens) -> Draf
         require_positive(prompt_lookup_num_tokens=prompt_lookup_num_tokens)
         return PromptLookup(num_draft_tokens=prompt_lookup_num_tokens)
     if drafter is not None and not isinstance(drafter, Drafter):
-        raise TypeError(f"`drafter` must be a specdec Drafter (DraftModel, PromptLookup, ...), got {type(drafter).__name__}.")
+        hint = (" For a draft model, pass specdec.DraftModel(model) or assistant_model=model."
+                if isinstance(drafter, torch.nn.Module) else
+                " For saved heads, pass specdec.heads.load(path, model)." if isinstance(drafter, (str, os.PathLike))
+                else "")
+        raise TypeError(f"`drafter` must be a specdec Drafter (DraftModel, PromptLookup, ...), got "
+                        f"{type(drafter).__name__}.{hint}")
     return drafter
+
+
+def _check_ids(input_ids) -> torch.Tensor:
+    """Token ids of any integer type, as transformers takes them, as int64."""
+    integer = isinstance(input_ids, torch.Tensor) and not (input_ids.dtype.is_floating_point
+                                                          or input_ids.dtype.is_complex or input_ids.dtype == torch.bool)
+    if not integer or input_ids.dim() != 2:
+        raise ValueError("`input_ids` must be an integer tensor of shape (batch, prompt_length), "
+                         f"got {type(input_ids).__name__} {getattr(input_ids, 'dtype', '')} {tuple(getattr(input_ids, 'shape', ()))}.")
+    if input_ids.shape[1] == 0:
+        raise ValueError("`input_ids` is empty: each row needs at least one token.")
+    return input_ids.long()
+
+
+def _check_lengths_and_eos(model, sampling: Sampling, width: int, max_new: int) -> None:
+    vocab = model.get_output_embeddings().weight.shape[0]
+    outside = [e for e in sampling.eos_token_ids if not 0 <= e < vocab]
+    if outside:
+        raise ValueError(f"`eos_token_id` {outside} is outside the model's vocabulary (0..{vocab - 1}); pass the "
+                         "tokenizer's eos_token_id.")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and width + max_new > limit:
+        warnings.warn(f"The prompt ({width} tokens) and max_new_tokens={max_new} go past the model's "
+                      f"max_position_embeddings={limit}: positions beyond it were never trained, and the output "
+                      "may degrade, as with transformers' generate.", UserWarning, stacklevel=3)
 
 
 def _resolve_config(model, generation_config, kwargs, width: int):
@@ -57,15 +89,24 @@ def _resolve_config(model, generation_config, kwargs, width: int):
     unused = {k: v for k, v in unused.items() if v is not None}
     if unused:
         raise TypeError(f"generate() got unsupported keyword arguments {sorted(unused)}.")
+    for name in ("max_new_tokens", "max_length"):
+        value = getattr(config, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"`{name}` must be an int, got {value!r}.")
     if config.max_new_tokens is not None:
         max_new = config.max_new_tokens
+        if max_new <= 0:
+            raise ValueError(f"`max_new_tokens` must be positive, got {max_new}.")
     elif default_length:
         limit = getattr(model.config, "max_position_embeddings", None) or float("inf")
         max_new = min(config.max_length + width, limit) - width
+        if max_new <= 0:
+            raise ValueError(f"The prompt's {width} tokens fill max_position_embeddings={limit}; pass max_new_tokens.")
     else:
         max_new = config.max_length - width
-    if max_new <= 0:
-        raise ValueError(f"`max_new_tokens` must be positive, got {max_new} (prompt length {width}).")
+        if max_new <= 0:
+            raise ValueError(f"`max_length` {config.max_length} leaves no room after the prompt's {width} tokens; "
+                             "pass a larger max_length, or max_new_tokens.")
     return config, int(max_new)
 
 
@@ -254,10 +295,7 @@ def generate(
             raise ValueError("Pass the prompt's cache as `cache` or as `past_key_values`, not both.")
         past_key_values = cache
     drafter = _resolve_drafter(drafter, assistant_model, prompt_lookup_num_tokens)
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-        raise ValueError("`input_ids` must be a LongTensor of shape (batch, prompt_length).")
-    if input_ids.shape[1] == 0:
-        raise ValueError("`input_ids` is empty: each row needs at least one token.")
+    input_ids = _check_ids(input_ids)
     if fast_path not in (None, True, False):
         raise ValueError(f"`fast_path` must be None, True or False, got {fast_path!r}.")
     if compile not in (True, False):
@@ -270,6 +308,7 @@ def generate(
     batch, width = input_ids.shape
     config, max_new = _resolve_config(model, generation_config, kwargs, width)
     sampling = Sampling.from_config(config)
+    _check_lengths_and_eos(model, sampling, width, max_new)
     pad = config.pad_token_id
     if batch > 1 and pad is None:
         raise ValueError("Batch size > 1 needs a pad token: pass `pad_token_id=` or set tokenizer.pad_token.")
@@ -388,6 +427,7 @@ class SpeculativeModel:
 
     def __init__(self, model, drafter: Drafter | None = None):
         check_model(model, "model")
+        drafter = _resolve_drafter(drafter, None, None)
         if drafter is not None:
             drafter.check(model)
         self.model = model

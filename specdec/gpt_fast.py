@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from einops import rearrange
 import torch._inductor.config as inductor_config
 
 # What gpt-fast's generate.py sets at import, for the whole process. Applied only around its own calls here,
@@ -123,8 +124,7 @@ def _args(config, model_args: type):
 def _interleave_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """q or k projection rows ``w`` (n_head * head_dim, dim) from HF's rotate-half RoPE layout (a head's pairs
     are rows j and j + head_dim/2) to gpt-fast's interleaved one (rows 2j and 2j+1); q.k is unchanged."""
-    head_dim, dim = w.shape[0] // n_head, w.shape[1]
-    return w.view(n_head, 2, head_dim // 2, dim).transpose(1, 2).reshape(n_head * head_dim, dim)
+    return rearrange(w, "(head pair half) dim -> (head half pair) dim", head=n_head, pair=2)
 
 
 def convert(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:

@@ -18,7 +18,7 @@ class Stats:
     drafted_tokens: int = 0  # valid drafted nodes offered to the verifier, over active rows
     accepted_tokens: int = 0  # drafted tokens the verifier accepted
     new_tokens: int = 0  # tokens emitted: the prompt pass's first, then accepted + bonus, cut at eos / max
-    draft_seconds: float = 0.0  # drafting outside the verification step (none for drafters it captures)
+    draft_seconds: float = 0.0  # drafting outside the step: 0 for the built-in drafters, which draft inside it
     verify_seconds: float = 0.0
 
     def __add__(self, other: "Stats") -> "Stats":
@@ -33,6 +33,11 @@ class Stats:
     @property
     def acceptance_rate(self) -> float:
         return self.accepted_tokens / max(self.drafted_tokens, 1)
+
+    def __str__(self) -> str:
+        return (f"τ {self.tau:.2f} tokens per step, acceptance {self.acceptance_rate:.2f} "
+                f"({self.accepted_tokens}/{self.drafted_tokens} drafted), {self.new_tokens} new tokens in "
+                f"{self.steps} steps, {self.target_forwards} target forwards")
 
     def summary(self) -> dict:
         return {

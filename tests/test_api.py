@@ -129,3 +129,8 @@ def test_the_cache_goes_under_the_name_the_installed_transformers_takes():
     assert torch.equal(specdec.generate(model, ids, cache=prefix, max_new_tokens=6), out)
     with pytest.raises(ValueError, match="not both"):
         specdec.generate(model, ids, cache=prefix, past_key_values=prefix, max_new_tokens=6)
+
+
+def test_stats_print_tau_and_acceptance():
+    stats = specdec.output.Stats(steps=4, row_steps=4, drafted_tokens=10, accepted_tokens=6, new_tokens=10)
+    assert str(stats).startswith("τ 2.50 tokens per step, acceptance 0.60 (6/10 drafted)")

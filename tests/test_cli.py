@@ -110,9 +110,12 @@ def test_cli_bench_writes_a_record_with_how_to_reproduce_it(tmp_path, capsys):
     assert out.with_suffix(".md").read_text().startswith("| mode | batch | strategy |")
 
 
-def test_cli_demo_shows_identical_text(capsys):
-    cli.main(["demo", "--prompts", "1", "--max-new-tokens", "8"])
-    assert "every strategy wrote the same text as model.generate: yes" in capsys.readouterr().out
+def test_cli_demo_shows_identical_text_and_how_it_timed(capsys):
+    cli.main(["demo", "--prompts", "1", "--max-new-tokens", "8", "--repeats", "2", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "every strategy wrote the same text as model.generate: yes" in out
+    assert "completion" in out and "\033[" not in out  # the prompt's end is marked without colour codes
+    assert "τ: new tokens per target forward" in out and "the median of 2 calls per prompt, torch on 1 threads" in out
 
 
 def test_cli_refuses_bad_arguments_by_name(tmp_path, capsys):
@@ -137,3 +140,13 @@ def test_cli_delegates_the_training_commands(command, capsys):
     with pytest.raises(SystemExit) as exit:
         cli.main([command, "--help"])
     assert exit.value.code == 0 and "--out" in capsys.readouterr().out
+
+
+def test_embedded_models_offer_ready_drafters_and_a_path_is_not_one(models):
+    drafters = models.drafters()
+    assert list(drafters) == ["draft model", "prompt lookup", "medusa", "eagle"]
+    x = models.tokenizer(models.prompts(1), return_tensors="pt")
+    expected = models.target.generate(**x, do_sample=False, max_new_tokens=8)
+    assert torch.equal(specdec.generate(models.target, **x, drafter=drafters["eagle"], max_new_tokens=8), expected)
+    with pytest.raises(TypeError, match=r"specdec.heads.load\(path, model\)"):
+        specdec.generate(models.target, **x, drafter=models.medusa, max_new_tokens=8)

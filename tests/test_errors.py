@@ -119,3 +119,31 @@ def test_error_mid_generation_leaves_model_and_cache_usable(model):
 def test_path_options(model, options, match):
     with pytest.raises(ValueError, match=match):
         specdec.generate(model, prompts(1, 5, 0)[0], max_new_tokens=4, **options)
+
+
+def test_int32_ids_are_taken_as_transformers_takes_them(model):
+    ids = prompts(1, 7, 0)[0]
+    expected = model.generate(ids, do_sample=False, max_new_tokens=6)
+    assert torch.equal(specdec.generate(model, ids.int(), prompt_lookup_num_tokens=3, max_new_tokens=6), expected)
+    with pytest.raises(ValueError, match="integer tensor"):
+        specdec.generate(model, ids.float(), max_new_tokens=6)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(max_length=5), ValueError, "`max_length` 5 leaves no room after the prompt's 7 tokens"),
+    (dict(max_new_tokens=6.0), TypeError, "`max_new_tokens` must be an int, got 6.0"),
+    (dict(max_new_tokens=6, eos_token_id=500), ValueError, r"`eos_token_id` \[500\] is outside the model's vocabulary"),
+])
+def test_lengths_and_eos_are_refused_by_the_name_given(model, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        specdec.generate(model, prompts(1, 7, 0)[0], **kwargs)
+
+
+def test_generating_past_the_position_limit_warns(model):
+    with pytest.warns(UserWarning, match="max_position_embeddings=256"):
+        specdec.generate(model, prompts(1, 250, 0)[0], max_new_tokens=10)
+
+
+def test_wrap_refuses_a_model_as_drafter_as_generate_does(model):
+    with pytest.raises(TypeError, match=r"specdec.DraftModel\(model\) or assistant_model=model"):
+        specdec.wrap(model, drafter=tiny("llama", seed=1))

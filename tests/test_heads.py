@@ -127,6 +127,7 @@ def test_save_load_round_trip(tmp_path, kind):
         for p in head.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     heads.save(head, tmp_path, training={"steps": 3})
+    assert (tmp_path / "heads.safetensors").stat().st_mode == (tmp_path / "config.json").stat().st_mode
     loaded = heads.load_head(tmp_path, model)
     assert head.state_dict().keys() == loaded.state_dict().keys()
     assert all(torch.equal(a, loaded.state_dict()[k]) for k, a in head.state_dict().items())

@@ -199,7 +199,7 @@ def test_recomputed_features_train_as_recorded_ones(target, tokenizer, jsonl, tm
     assert any(v.abs().max() > 1e-3 for k, v in kept.items() if k.endswith("weight"))
 
 
-def test_cli_trains_from_jsonl(target_dir, jsonl, tmp_path):
+def test_cli_trains_from_jsonl(target_dir, jsonl, tmp_path, capsys):
     out = tmp_path / "heads"
     main(["--target", str(target_dir), "--kind", "eagle", "--data", str(jsonl), "--out", str(out), "--steps", "60",
           "--lr", "3e-3", "--max-length", "48", "--eval-prompts", "4", "--eval-tokens", "32", "--seed", "1"])
@@ -208,6 +208,20 @@ def test_cli_trains_from_jsonl(target_dir, jsonl, tmp_path):
     assert config["kind"] == "eagle" and training["steps"] == 60 and training["seed"] == 1
     assert training["eval"]["prompts"] == 4 and training["eval"]["tau"] > 1.5
     assert (out / CHECKPOINT).is_file()
+    assert f"saved the eagle heads in {str(out)!r}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # a finished run is not overwritten by accident
+        main(["--target", str(target_dir), "--kind", "eagle", "--data", str(jsonl), "--out", str(out), "--steps", "1"])
+    assert "--overwrite" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["training"]["steps"] == 60
+
+
+def test_cli_names_the_shipped_target_and_defaults_max_length_to_its_positions(tmp_path, capsys):
+    text = tmp_path / "code.txt"
+    text.write_text("\n\n".join(f"def f{i}(x):\n    return x + {i}" for i in range(8)))
+    main(["--target", "embedded", "--kind", "medusa", "--data", str(text), "--out", str(tmp_path / "h"),
+          "--steps", "2", "--eval-prompts", "1", "--eval-tokens", "4", "--device", "cpu"])
+    config = json.loads((tmp_path / "h" / "config.json").read_text())
+    assert config["target"]["hidden_size"] == 256 and config["training"]["max_length"] == 512
 
 
 def test_cli_self_distils_from_plain_text(target, target_dir, tmp_path):
