@@ -28,7 +28,6 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from specdec import features
-from specdec.cache import kept_cache
 from specdec.drafters.base import Drafter, require_positive
 from specdec.forward import Prefix, extend_chains, forward_nodes, prefill
 from specdec.graphs import addresses
@@ -112,7 +111,7 @@ class Eagle(Drafter):
 
     def begin(self, target, seqs: Sequences, sampling: Sampling) -> None:
         super().begin(target, seqs, sampling)
-        self.cache = kept_cache(self.head, seqs)
+        self.cache = self.kept_cache(self.head, seqs)
         # Pairs (f_c, x_{c+1}) for every column whose feature is known, except the last: propose feeds it.
         width = max(seqs.prompt_length - 2, 0)
         self.cache.ends.fill_(width)  # the pairs cached end there

@@ -96,7 +96,7 @@ class Medusa(Drafter):
         self.max_depth = max(len(p) for p in tree)
         self.max_children = max(collections.Counter(p[:-1] for p in tree).values())
         self.fixed_nodes = len(tree) + 1
-        self.layout = None
+        self.layouts = {}  # device -> the layout there; shared by the copies each call makes
 
     def check(self, target) -> None:
         check_fingerprint(self.heads.target_fingerprint, target, "These Medusa heads")
@@ -107,8 +107,9 @@ class Medusa(Drafter):
         captured), once: steps captured in an earlier call replay reading it where it is."""
         super().begin(target, seqs, sampling)
         dev = seqs.end.device
-        if self.layout is None or self.layout[0].device != dev:
-            self.layout = tuple(x.to(dev) for x in (self.parents, self.depths, self.ranks))
+        if dev not in self.layouts:
+            self.layouts[dev] = tuple(x.to(dev) for x in (self.parents, self.depths, self.ranks))
+        self.layout = self.layouts[dev]
 
     def graph_key(self) -> tuple:
         return "medusa", self.k, self.max_depth, self.max_children, addresses(self.heads, self.layout)

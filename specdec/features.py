@@ -8,16 +8,24 @@ without modeling code, and without ``output_hidden_states`` (which would keep ev
 from __future__ import annotations
 
 import contextlib
+import threading
 
 
 @contextlib.contextmanager
 def capture(model, enabled: bool = True):
-    """Inside the block, every call of ``model``'s LM head appends its input (B, Q, H) to the yielded list."""
+    """Inside the block, every call of ``model``'s LM head from this thread appends its input (B, Q, H) to the
+    yielded list: calls on the same model from other threads have their own blocks and lists."""
     captured: list = []
     if not enabled:
         yield captured
         return
-    handle = model.get_output_embeddings().register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    thread = threading.get_ident()
+
+    def hook(module, args):
+        if threading.get_ident() == thread:
+            captured.append(args[0])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(hook)
     try:
         yield captured
     finally:

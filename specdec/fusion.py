@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import weakref
 
 import torch
@@ -93,22 +94,25 @@ class Projections:
     def __init__(self, groups: list[_Group]):
         self.groups = groups
         self.depth = 0
+        self.lock = threading.Lock()  # calls in other threads enter and leave too
 
     def enter(self) -> None:
-        if self.depth == 0:
-            for group in self.groups:
-                group.weight, group.bias = group.whole("weight"), group.whole("bias")
-                for member, forward in zip(group.members, group.forwards):
-                    member.forward = forward
-        self.depth += 1
+        with self.lock:
+            if self.depth == 0:
+                for group in self.groups:
+                    group.weight, group.bias = group.whole("weight"), group.whole("bias")
+                    for member, forward in zip(group.members, group.forwards):
+                        member.forward = forward
+            self.depth += 1
 
     def leave(self) -> None:
-        self.depth -= 1
-        if self.depth == 0:
-            for group in self.groups:
-                group.weight = group.bias = group.pending = None
-                for member in group.members:
-                    del member.forward
+        with self.lock:
+            self.depth -= 1
+            if self.depth == 0:
+                for group in self.groups:
+                    group.weight = group.bias = group.pending = None
+                    for member in group.members:
+                        del member.forward
 
 
 _projections: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -8,8 +8,11 @@ and cache are never modified.
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
+import threading
+import weakref
 import time
 import warnings
 
@@ -49,6 +52,26 @@ def _resolve_drafter(drafter, assistant_model, prompt_lookup_num_tokens) -> Draf
         raise TypeError(f"`drafter` must be a specdec Drafter (DraftModel, PromptLookup, ...), got "
                         f"{type(drafter).__name__}.{hint}")
     return drafter
+
+
+_drafters_in_use: weakref.WeakSet = weakref.WeakSet()
+_claims = threading.Lock()
+
+
+def _claim(drafter: Drafter) -> Drafter:
+    """``drafter`` for this call, or a shallow copy of it while another call (another thread, or one this
+    call's streamer makes) is using it: per-call state set on it then meets no other call's. ``_unclaim``
+    when the call ends."""
+    with _claims:
+        if drafter in _drafters_in_use:
+            drafter = copy.copy(drafter)
+        _drafters_in_use.add(drafter)
+    return drafter
+
+
+def _unclaim(drafter: Drafter) -> None:
+    with _claims:
+        _drafters_in_use.discard(drafter)
 
 
 def _check_ids(input_ids) -> torch.Tensor:
@@ -317,6 +340,7 @@ def generate(
     mask = _resolve_mask(input_ids, attention_mask, pad, sampling.eos_token_ids)
     if drafter is not None:
         drafter.check(model)
+        drafter = _claim(drafter)
     want_features = drafter is not None and drafter.wants_features
     if want_features and past_key_values is not None:
         raise ValueError(
@@ -404,7 +428,10 @@ def generate(
         projections.leave()
         session.busy = False
         if drafter is not None:
-            drafter.end()
+            try:
+                drafter.end()
+            finally:
+                _unclaim(drafter)
     for name, value in zip(COUNTERS, counters.tolist()):
         setattr(stats, name, value)
     stats.target_forwards += stats.steps

@@ -10,12 +10,13 @@ the graphs with them. The graphs are kept per *recipe*: what a step depends on b
 drafter's ``graph_key``, the sampling settings, compilation), the ``MAX_RECIPES`` most recent ones.
 ``release(model)`` frees it all; so does deleting the model.
 
-Calls on one model run one at a time. One that starts while another is running (from a streamer's
-callback, say) gets buffers of its own, not kept.
+A call that starts while another is running on the same model (in another thread, or from a streamer's
+callback) gets buffers of its own, not kept.
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ ROUND = 256
 MAX_RECIPES = 8
 
 _sessions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
 
 
 @dataclass
@@ -67,21 +69,22 @@ class Session:
 def kept(model, input_ids, attention_mask, max_new_tokens: int, counters: int) -> Session:
     """``model``'s session, emptied and filled with this call's prompt, or a new one that is kept from now on
     (a fresh one while the kept one is busy). Mark it busy until the call ends."""
-    batch, width = input_ids.shape
-    weights = addresses(model)
-    session = _sessions.get(model)
-    if session is not None and session.busy:
-        return Session.fresh(input_ids, attention_mask, max_new_tokens, counters)
-    if (session is None or session.weights != weights or session.seqs.tokens.shape[0] != batch
-            or session.seqs.tokens.device != input_ids.device or session.seqs.limit < width + max_new_tokens):
-        _sessions.pop(model, None)
-        del session  # its buffers and graphs go before the new ones are allocated
-        seqs = Sequences.empty(batch, -(-(width + max_new_tokens) // ROUND) * ROUND, input_ids.device)
-        session = _sessions[model] = Session.around(seqs, counters, weights=weights)
+    with _lock:  # another thread may be taking or replacing it at the same moment
+        session = _sessions.get(model)
+        if session is not None and session.busy:
+            return Session.fresh(input_ids, attention_mask, max_new_tokens, counters)
+        batch, width = input_ids.shape
+        weights = addresses(model)
+        if (session is None or session.weights != weights or session.seqs.tokens.shape[0] != batch
+                or session.seqs.tokens.device != input_ids.device or session.seqs.limit < width + max_new_tokens):
+            _sessions.pop(model, None)
+            del session  # its buffers and graphs go before the new ones are allocated
+            seqs = Sequences.empty(batch, -(-(width + max_new_tokens) // ROUND) * ROUND, input_ids.device)
+            session = _sessions[model] = Session.around(seqs, counters, weights=weights)
+        session.busy = True
     session.seqs.fill(input_ids, attention_mask, max_new_tokens)
     session.cache.reset()
     session.counters.zero_()
-    session.busy = True
     return session
 
 

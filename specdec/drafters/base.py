@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .. import cache as caches
 from ..sampling import Sampling
 from ..sequences import Sequences
 from ..tree import Tree
@@ -18,7 +19,8 @@ class Drafter:
     """Proposes a token tree rooted at each row's last token.
 
     ``check`` runs before anything else and must raise on a target this drafter cannot serve; ``begin``
-    sets up per-call state (a drafter object can be reused across ``generate`` calls, one at a time);
+    sets up per-call state. A call that overlaps another using the same drafter object (in another thread,
+    or nested in a streamer) runs on a shallow copy of it, so per-call attributes never meet another call's;
     ``propose`` is called once per verification step. Drafters that sample fill ``Tree.draft_probs`` with
     the distribution each node was drawn from; deterministic drafters leave it None.
     """
@@ -54,5 +56,14 @@ class Drafter:
         per-call state across calls, as ``cache.kept_cache`` does). None, the default: capture anew each call."""
         return None
 
+    def kept_cache(self, owner, seqs: Sequences):
+        """``cache.kept_cache(owner, seqs)``, given back when this call ends (``end``)."""
+        taken = caches.kept_cache(owner, seqs)
+        self._taken = (*getattr(self, "_taken", ()), taken)
+        return taken
+
     def end(self) -> None:
-        """Release per-call state (caches) once the call ends, normally or not."""
+        """Release per-call state (caches) once the call ends, normally or not; overrides call this too."""
+        for taken in getattr(self, "_taken", ()):
+            caches.put_back(taken)
+        self._taken = ()

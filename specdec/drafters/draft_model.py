@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from ..cache import kept_cache
 from ..forward import Prefix, check_model, extend_chains, forward_nodes, prefill
 from ..graphs import addresses
 from ..sampling import Sampling
@@ -26,7 +25,7 @@ class DraftModel(Drafter):
     next step's first forward pass, as wide as the most tokens a row can have accepted. So nothing needs
     rolling back, that pass costs about what a one-token pass would, and nothing is measured on the host:
     ``propose`` is device work alone (``Drafter.fixed_nodes``), captured with verification on a GPU. The
-    cache is the one ``model`` kept from its last call (``cache.kept_cache``), so steps captured then replay.
+    cache is the one ``model`` kept from its last call (``Drafter.kept_cache``), so steps captured then replay.
     """
 
     def __init__(self, model, num_draft_tokens: int = 5, tree_width: int = 1):
@@ -62,7 +61,7 @@ class DraftModel(Drafter):
 
     def begin(self, target, seqs: Sequences, sampling: Sampling) -> None:
         super().begin(target, seqs, sampling)
-        self.cache = kept_cache(self.model, seqs)
+        self.cache = self.kept_cache(self.model, seqs)
         width = seqs.prompt_length
         self.forwards += prefill(self.model, self.cache, seqs.tokens[:, : width - 1], seqs.start)[0]
         self.cache.ends.fill_(width - 1)  # the draft's cached tokens end there
