@@ -142,12 +142,15 @@ class Eagle(Drafter):
 
     @torch.no_grad()
     def propose(self, seqs: Sequences) -> Tree:
-        batch, dev, k = seqs.end.shape[0], seqs.end.device, self.top_k
-        rows = torch.arange(batch, device=dev)[:, None]
+        logits, feats = self._catch_up(seqs)
+        return self._cut(seqs, *self._grow(seqs, logits, feats))
 
-        # Catch up on the pairs whose features the last verification produced; the last one is the root's.
-        # At most a whole path of the last tree and its bonus token (2 after the prompt), none once a row
-        # has finished.
+    def _catch_up(self, seqs: Sequences) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head over the pairs whose features the last verification produced, the root's last: at most a
+        whole path of the last tree and its bonus token (2 after the prompt), none once a row has finished.
+        Returns the logits (B, 1, V) and predicted feature (B, 1, H) at the root's pair."""
+        dev = seqs.end.device
+        rows = torch.arange(seqs.end.shape[0], device=dev)[:, None]
         cached_end = self.cache.ends
         count = seqs.end - 1 - cached_end
         cols = (cached_end[:, None] + torch.arange(self.depth + 1, device=dev)).clamp(max=seqs.end.max() - 2)
@@ -156,13 +159,18 @@ class Eagle(Drafter):
         logits, feats = self._run(extend_chains, pairs, count, Prefix(seqs.start, cached_end))
         last = (count - 1).clamp(min=0)[:, None]
         cached_end.copy_(seqs.end - 1)
+        return logits[rows, last], feats[rows, last]
 
+    def _grow(self, seqs: Sequences, root_logits: torch.Tensor, root_feats: torch.Tensor) -> tuple:
+        """The candidate pool, level by level: each level feeds the ``top_k`` best nodes so far and ranks their
+        children. Returns (tokens, parents, scores, draft distributions or None, pool size)."""
+        batch, dev, k = seqs.end.shape[0], seqs.end.device, self.top_k
         # Candidate pool, level by level: tokens, parent (pool index, 0 = root) and score (float64, so the
         # small depth penalty always breaks parent-child ties in the parent's favour).
-        kids, kid_logp, q = self._children(logits[rows, last], seqs, 0)
+        kids, kid_logp, q = self._children(root_logits, seqs, 0)
         pool_tokens, pool_parents, pool_scores = [kids[:, 0]], [torch.zeros_like(kids[:, 0])], [kid_logp[:, 0]]
         pool_q = [q.expand(-1, k, -1)] if q is not None else None  # each node's draft distribution
-        parent_feats = feats[rows, last].expand(-1, k, -1)  # what each frontier node is fed with
+        parent_feats = root_feats.expand(-1, k, -1)  # what each frontier node is fed with
         frontier = torch.arange(1, k + 1, device=dev).expand(batch, -1)  # pool indices of the nodes to feed
         parent_slot = None  # each frontier node's parent among the fed nodes (None: the root)
         seen = torch.zeros(batch, 0, 0, dtype=torch.bool, device=dev)  # fed node i sees fed node j
@@ -197,7 +205,11 @@ class Eagle(Drafter):
             parent_slot = fed + best // k
             parent_feats = feats.gather(1, (best // k)[..., None].expand(-1, -1, feats.shape[-1]))
             size += kid_scores.shape[1]
+        return pool_tokens, pool_parents, pool_scores, pool_q, size
 
+    def _cut(self, seqs: Sequences, pool_tokens, pool_parents, pool_scores, pool_q, size) -> Tree:
+        """The best ``total_tokens`` candidates (whole sibling groups when sampling) as the tree."""
+        batch, dev, k = seqs.end.shape[0], seqs.end.device, self.top_k
         tokens = torch.cat(pool_tokens, 1)
         scores = torch.cat(pool_scores, 1)
         parents = torch.cat(pool_parents, 1)

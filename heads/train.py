@@ -170,24 +170,9 @@ def train(target, tokenizer, sources, *, kind: str = "medusa", out="heads", step
     ``out`` with a resumable checkpoint, and return the training record saved with them. ``steps`` and
     ``epochs`` both bound the run (one epoch when neither is given); ``feature_memory`` is in GiB;
     ``options`` go to the head (``num_heads``, ``num_layers``)."""
-    require_positive(batch_size=batch_size, max_length=max_length, distil_tokens=distil_tokens,
-                     eval_tokens=eval_tokens, save_every=save_every,
-                     **{k: v for k, v in (("steps", steps), ("epochs", epochs)) if v is not None})
-    for name, value in (("eval_prompts", eval_prompts), ("seed", seed)):
-        if not isinstance(value, int) or value < 0:
-            raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
-    torch.manual_seed(seed)
-    head = build(kind, target, **options).float()  # fp32 while training, the target's dtype once saved
-    needed = max(data.MIN_LENGTH, head.options.get("num_heads", 0) + 2)
-    if max_length < needed:
-        raise ValueError(f"--max-length {max_length} leaves some heads nothing to predict; use at least {needed}.")
-    lr = DEFAULT_LR[kind] if lr is None else lr
-    if not lr > 0:
-        raise ValueError(f"`lr` must be positive, got {lr!r}.")
-    vocab = target.get_output_embeddings().weight.shape[0]
-    if len(tokenizer) > vocab:
-        raise ValueError(f"The tokenizer (--tokenizer) has {len(tokenizer)} tokens but the target's LM head only "
-                         f"{vocab}: it is not this target's tokenizer. Pass the target's own with --tokenizer.")
+    head, lr = _new_head(target, tokenizer, kind, options, batch_size=batch_size, max_length=max_length,
+                         distil_tokens=distil_tokens, eval_tokens=eval_tokens, save_every=save_every, steps=steps,
+                         epochs=epochs, eval_prompts=eval_prompts, seed=seed, lr=lr)
     out = Path(out)
     if (out / CONFIG).is_file():
         check_fingerprint(read_config(out)["target"], target, f"The heads already in --out {str(out)!r}")
@@ -213,9 +198,51 @@ def train(target, tokenizer, sources, *, kind: str = "medusa", out="heads", step
     features = Features(target, seqs, pad, batch_size, feature_memory * 2**30)
     per_epoch = math.ceil(len(seqs) / batch_size)
     total = int(min(steps or math.inf, (epochs or (1 if steps is None else math.inf)) * per_epoch))
+    step, loss, accuracy = _optimize(head, features, len(seqs), out, run, state, total=total, per_epoch=per_epoch,
+                                     save_every=save_every)
 
+    head.to(target.dtype).eval()
+    record = {"steps": step, "loss": round(loss, 6), "accuracy": accuracy,
+              "sequences": len(seqs), "tokens": sum(map(len, seqs)), **run}
+    prompts = [examples[i].prompt[-max_length:] for i in sorted(held) if examples[i].prompt]
+    if prompts:
+        record["eval"] = evaluate(target, drafter(head), prompts, eval_tokens, pad)
+        print(f"held-out acceptance ({len(prompts)} prompts, {eval_tokens} new tokens): "
+              f"tau {record['eval']['tau']:.2f}, acceptance rate {record['eval']['acceptance_rate']:.2f}")
+    save(head, out, training=record)
+    return record
+
+
+def _new_head(target, tokenizer, kind: str, options: dict, *, max_length: int, eval_prompts: int, seed: int,
+              lr: float | None, steps: int | None, epochs: int | None, **counts):
+    """The untrained head (fp32 while training) and its learning rate, once every setting is checked."""
+    require_positive(max_length=max_length, **counts,
+                     **{k: v for k, v in (("steps", steps), ("epochs", epochs)) if v is not None})
+    for name, value in (("eval_prompts", eval_prompts), ("seed", seed)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
+    torch.manual_seed(seed)
+    head = build(kind, target, **options).float()  # fp32 while training, the target's dtype once saved
+    needed = max(data.MIN_LENGTH, head.options.get("num_heads", 0) + 2)
+    if max_length < needed:
+        raise ValueError(f"--max-length {max_length} leaves some heads nothing to predict; use at least {needed}.")
+    lr = DEFAULT_LR[kind] if lr is None else lr
+    if not lr > 0:
+        raise ValueError(f"`lr` must be positive, got {lr!r}.")
+    vocab = target.get_output_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        raise ValueError(f"The tokenizer (--tokenizer) has {len(tokenizer)} tokens but the target's LM head only "
+                         f"{vocab}: it is not this target's tokenizer. Pass the target's own with --tokenizer.")
+    return head, lr
+
+
+def _optimize(head, features, n_seqs: int, out: Path, run: dict, state: dict | None, *, total: int,
+              per_epoch: int, save_every: int) -> tuple[int, float, list]:
+    """The optimizer steps up to ``total`` (from ``state``'s when resuming), checkpointed every ``save_every``
+    and at the end; returns the step reached, the last loss and each head's last top-1 accuracy."""
+    kind, seed, batch_size = run["kind"], run["seed"], run["batch_size"]
     params = list(head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr)
+    optimizer = torch.optim.AdamW(params, lr=run["lr"])
     step, epoch = 0, 0
     if state is not None:
         head.load_state_dict(state["head"])
@@ -225,23 +252,14 @@ def train(target, tokenizer, sources, *, kind: str = "medusa", out="heads", step
         if torch.cuda.is_available() and len(state["cuda_rng"]):
             torch.cuda.set_rng_state_all(state["cuda_rng"])
     out.mkdir(parents=True, exist_ok=True)
-
-    def checkpoint():
-        tmp = out / (CHECKPOINT + ".tmp")
-        torch.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-                    "target": head.target_fingerprint, "run": run, "rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp)
-        os.replace(tmp, out / CHECKPOINT)
-
-    device = target.device
-    autocast = torch.autocast(device.type, torch.bfloat16,
-                              enabled=device.type == "cuda" or target.dtype != torch.float32)
+    device, dtype = features.target.device, features.target.dtype
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" or dtype != torch.float32)
     loss, accuracy = float("nan"), []
     head.train()
     with tqdm(total=total, initial=step, desc=f"training {kind} heads") as bar:
         while step < total:
             epoch, i = divmod(step, per_epoch)
-            order = _epoch_order(seed, epoch, len(seqs))
+            order = _epoch_order(seed, epoch, n_seqs)
             feats, tokens, mask = features.batch(order[i * batch_size : (i + 1) * batch_size])
             with autocast:
                 batch_loss, batch_accuracy = LOSSES[kind](head, feats, tokens, mask)
@@ -254,19 +272,17 @@ def train(target, tokenizer, sources, *, kind: str = "medusa", out="heads", step
             bar.set_postfix_str(f"loss {loss:.4f} top-1 " + " ".join(f"{a:.2f}" for a in accuracy), refresh=False)
             bar.update()
             if step % save_every == 0:
-                checkpoint()
-    checkpoint()
+                _checkpoint(out, head, optimizer, step, epoch, run)
+    _checkpoint(out, head, optimizer, step, epoch, run)
+    return step, loss, accuracy
 
-    head.to(target.dtype).eval()
-    record = {"steps": step, "loss": round(loss, 6), "accuracy": accuracy,
-              "sequences": len(seqs), "tokens": sum(map(len, seqs)), **run}
-    prompts = [examples[i].prompt[-max_length:] for i in sorted(held) if examples[i].prompt]
-    if prompts:
-        record["eval"] = evaluate(target, drafter(head), prompts, eval_tokens, pad)
-        print(f"held-out acceptance ({len(prompts)} prompts, {eval_tokens} new tokens): "
-              f"tau {record['eval']['tau']:.2f}, acceptance rate {record['eval']['acceptance_rate']:.2f}")
-    save(head, out, training=record)
-    return record
+
+def _checkpoint(out: Path, head, optimizer, step: int, epoch: int, run: dict) -> None:
+    tmp = out / (CHECKPOINT + ".tmp")
+    torch.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
+                "target": head.target_fingerprint, "run": run, "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp)
+    os.replace(tmp, out / CHECKPOINT)
 
 
 def main(argv=None) -> None:

@@ -12,9 +12,10 @@ import copy
 import functools
 import os
 import threading
-import weakref
 import time
 import warnings
+import weakref
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicCache
@@ -312,22 +313,57 @@ def generate(
     one GEMM during the call (:mod:`specdec.fusion`): the first call moves each group's weights into one
     buffer, without copying the model or changing its parameters' names or values.
     """
+    call = _resolve(model, input_ids, attention_mask, drafter, assistant_model, prompt_lookup_num_tokens,
+                    generation_config, streamer, past_key_values if cache is None else cache, fast_path, compile,
+                    fuse_projections, kwargs, both_caches=cache is not None and past_key_values is not None)
+    return _run(call)
+
+
+@dataclass
+class _Call:
+    """One call's inputs and mode, resolved and checked before anything runs."""
+
+    model: object
+    input_ids: torch.Tensor  # (B, W)
+    mask: torch.Tensor  # (B, W) bool, left-padded
+    config: object  # the resolved GenerationConfig
+    sampling: Sampling
+    max_new: int
+    drafter: Drafter | None
+    streamer: object
+    past_key_values: object
+    fast_path: bool | None
+    compile: bool
+    fuse_projections: bool
+
+    @property
+    def want_features(self) -> bool:
+        return self.drafter is not None and self.drafter.wants_features
+
+    @property
+    def graphs_on(self) -> bool:
+        return self.fast_path is not False and self.input_ids.device.type == "cuda"
+
+    @property
+    def fixed(self) -> bool:
+        """The cache held at a fixed length: the fixed-shape step."""
+        return bool(self.fast_path or self.compile or self.graphs_on)
+
+    @property
+    def fixed_nodes(self) -> int | None:
+        """Drafting joins the captured step when the drafter's trees have a fixed size and its work is on the device."""
+        return 1 if self.drafter is None else self.drafter.fixed_nodes
+
+
+def _resolve(model, input_ids, attention_mask, drafter, assistant_model, prompt_lookup_num_tokens,
+             generation_config, streamer, past_key_values, fast_path, compile, fuse_projections, kwargs,
+             both_caches: bool) -> _Call:
     check_model(model, "model")
-    if cache is not None:  # transformers 5.40's name for past_key_values
-        if past_key_values is not None:
-            raise ValueError("Pass the prompt's cache as `cache` or as `past_key_values`, not both.")
-        past_key_values = cache
+    if both_caches:  # `cache` is transformers 5.40's name for past_key_values
+        raise ValueError("Pass the prompt's cache as `cache` or as `past_key_values`, not both.")
     drafter = _resolve_drafter(drafter, assistant_model, prompt_lookup_num_tokens)
     input_ids = _check_ids(input_ids)
-    if fast_path not in (None, True, False):
-        raise ValueError(f"`fast_path` must be None, True or False, got {fast_path!r}.")
-    if compile not in (True, False):
-        raise ValueError(f"`compile` must be True or False, got {compile!r}.")
-    if fuse_projections not in (True, False):
-        raise ValueError(f"`fuse_projections` must be True or False, got {fuse_projections!r}.")
-    if compile and fast_path is False:
-        raise ValueError("`compile=True` compiles the fixed-shape step, which `fast_path=False` refuses; "
-                         "drop one of them.")
+    _check_flags(fast_path, compile, fuse_projections)
     batch, width = input_ids.shape
     config, max_new = _resolve_config(model, generation_config, kwargs, width)
     sampling = Sampling.from_config(config)
@@ -340,90 +376,42 @@ def generate(
     mask = _resolve_mask(input_ids, attention_mask, pad, sampling.eos_token_ids)
     if drafter is not None:
         drafter.check(model)
-        drafter = _claim(drafter)
-    want_features = drafter is not None and drafter.wants_features
-    if want_features and past_key_values is not None:
+    if drafter is not None and drafter.wants_features and past_key_values is not None:
         raise ValueError(
             f"{type(drafter).__name__} drafts from the target's features of the whole prompt, which a "
             f"prefilled `past_key_values` skips; pass the prompt without `past_key_values`."
         )
     if past_key_values is not None:
         _check_cache(past_key_values, input_ids)
+    return _Call(model, input_ids, mask, config, sampling, max_new, drafter, streamer, past_key_values, fast_path,
+                 compile, fuse_projections)
 
-    stats = Stats()
-    dev = input_ids.device
-    graphs_on = fast_path is not False and dev.type == "cuda"
-    fixed = bool(fast_path or compile or graphs_on)  # the cache held at a fixed length
 
-    def fall_back() -> None:  # the dynamic path, uncompiled, unless the caller asked for fixed shapes
-        if not fast_path:
-            cache.hold(None)
+def _check_flags(fast_path, compile, fuse_projections) -> None:
+    if fast_path not in (None, True, False):
+        raise ValueError(f"`fast_path` must be None, True or False, got {fast_path!r}.")
+    if compile not in (True, False):
+        raise ValueError(f"`compile` must be True or False, got {compile!r}.")
+    if fuse_projections not in (True, False):
+        raise ValueError(f"`fuse_projections` must be True or False, got {fuse_projections!r}.")
+    if compile and fast_path is False:
+        raise ValueError("`compile=True` compiles the fixed-shape step, which `fast_path=False` refuses; "
+                         "drop one of them.")
 
-    # Drafting joins the captured step when the drafter's trees have a fixed size and its work is on the device.
-    fixed_nodes = 1 if drafter is None else drafter.fixed_nodes
 
-    def propose() -> Tree:
-        return drafter.propose(seqs) if drafter is not None else Tree.root_only(seqs.last)
-
-    # Compiled only where shapes are fixed: a held cache (a failed capture lets go of it).
-    fused = (torch.compile(model), compiled_keep_accepted()) if compile else (model, keep_accepted)
-
-    def step(tree: Tree | None):
-        target, keep = fused if cache.held is not None else (model, keep_accepted)
-        return verify_step(target, cache, seqs, propose() if tree is None else tree, sampling, counters,
-                           want_features, keep)
-
-    projections = fusion.prepare(model) if fuse_projections else fusion.NONE  # before the session: weights move
-    if fixed and past_key_values is None:
-        session = sessions.kept(model, input_ids, mask, max_new, len(COUNTERS))
+def _run(call: _Call):
+    """The session's buffers, the prompt's pass, then verification steps until every row has finished."""
+    model, stats = call.model, Stats()
+    projections = fusion.prepare(model) if call.fuse_projections else fusion.NONE  # before the session: weights move
+    if call.fixed and call.past_key_values is None:
+        session = sessions.kept(model, call.input_ids, call.mask, call.max_new, len(COUNTERS))
     else:
-        session = sessions.Session.fresh(input_ids, mask, max_new, len(COUNTERS), past_key_values)
-    seqs, cache, counters = session.seqs, session.cache, session.counters
+        session = sessions.Session.fresh(call.input_ids, call.mask, call.max_new, len(COUNTERS), call.past_key_values)
+    drafter = call.drafter = None if call.drafter is None else _claim(call.drafter)
     projections.enter()
     try:
-        with features.capture(model, want_features) as captured:
-            passes, last = prefill(model, cache, input_ids, seqs.start, begin=cache.get_seq_length())
-        stats.target_forwards += passes
-        if captured:
-            seqs.write_prompt_features(torch.cat(captured, 1))
-        # The prompt's pass already gives the first token, as in plain decoding: the bonus token of a tree
-        # with nothing drafted. Trees grow from it.
-        first = verify(Tree.root_only(seqs.last), last[:, None], sampling, seqs.generated[:, None],
-                       seqs.end[:, None]).tokens[:, 0]
-        seqs.append(first[:, None], torch.ones_like(first))
-        seqs.finished |= (seqs.end >= seqs.stop) | sampling.is_eos(first)
-        counters[COUNTERS.index("new_tokens")] += batch
-        if fixed:  # rows' cached columns end before the limit
-            cache.hold(seqs.limit)
-        if drafter is not None:
-            drafter.begin(model, seqs, sampling)
-        # What a captured step depends on besides the session's buffers; a drafter whose drafting is captured
-        # says (None: its graphs are captured anew in every call).
-        drafted = ("none",) if drafter is None else drafter.graph_key() if fixed_nodes is not None else ("input",)
-        recipe = None if drafted is None else (drafted, sampling, compile, want_features)
-        graphs = StepGraphs(enabled=graphs_on, on_failure=fall_back, captured=session.captured(recipe))
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
-            streamer.put(first.cpu())
-        all_finished = _AllFinished(seqs)
-        done = bool(seqs.finished.all())
-        while not done:
-            t0 = time.perf_counter()
-            tree = None if fixed_nodes is not None else propose()
-            t1 = t0 if tree is None else _sync(dev)
-            shape = ("drafted", fixed_nodes) if tree is None else tree.shape
-            tokens, count = graphs.run(step, graph_key(shape, seqs, cache), tree)
-            all_finished.copy()
-            if streamer is not None:
-                streamer.put(tokens[0, : int(count[0])].cpu())
-            # A step that reads nothing (the cache held) lets the host read "all finished" one step late, so it
-            # queues step k + 1 while the GPU runs step k instead of idling until it ends: at most one step
-            # runs past the end, every row masked out (it changes nothing, and the device's counters skip it).
-            done = all_finished.read(late=cache.held is not None and streamer is None)
-            stats.draft_seconds += t1 - t0
-            stats.verify_seconds += time.perf_counter() - t1
-        if streamer is not None:
-            streamer.end()
+        first = _prefill(call, session, stats)
+        _decode(call, session, stats, first)
     finally:
         projections.leave()
         session.busy = False
@@ -432,19 +420,90 @@ def generate(
                 drafter.end()
             finally:
                 _unclaim(drafter)
-    for name, value in zip(COUNTERS, counters.tolist()):
+    for name, value in zip(COUNTERS, session.counters.tolist()):
         setattr(stats, name, value)
     stats.target_forwards += stats.steps
     if drafter is not None:
         stats.draft_forwards = drafter.forwards + drafter.forwards_per_step * stats.steps
+    return _output(call, session.seqs, stats)
 
+
+def _prefill(call: _Call, session, stats: Stats) -> torch.Tensor:
+    """The prompt's pass, which already gives the first token as in plain decoding: the bonus token of a tree
+    with nothing drafted, from which trees grow. Returns it, (B,)."""
+    model, seqs, cache, sampling = call.model, session.seqs, session.cache, call.sampling
+    with features.capture(model, call.want_features) as captured:
+        passes, last = prefill(model, cache, call.input_ids, seqs.start, begin=cache.get_seq_length())
+    stats.target_forwards += passes
+    if captured:
+        seqs.write_prompt_features(torch.cat(captured, 1))
+    first = verify(Tree.root_only(seqs.last), last[:, None], sampling, seqs.generated[:, None],
+                   seqs.end[:, None]).tokens[:, 0]
+    seqs.append(first[:, None], torch.ones_like(first))
+    seqs.finished |= (seqs.end >= seqs.stop) | sampling.is_eos(first)
+    session.counters[COUNTERS.index("new_tokens")] += first.shape[0]
+    if call.fixed:  # rows' cached columns end before the limit
+        cache.hold(seqs.limit)
+    if call.drafter is not None:
+        call.drafter.begin(model, seqs, sampling)
+    return first
+
+
+def _decode(call: _Call, session, stats: Stats, first: torch.Tensor) -> None:
+    """Verification steps, replayed from the session's graphs where they can be, until every row finished."""
+    model, drafter, seqs, cache, streamer = call.model, call.drafter, session.seqs, session.cache, call.streamer
+    fixed_nodes = call.fixed_nodes
+    # Compiled only where shapes are fixed: a held cache (a failed capture lets go of it).
+    fused = (torch.compile(model), compiled_keep_accepted()) if call.compile else (model, keep_accepted)
+
+    def step(tree: Tree | None):
+        target, keep = fused if cache.held is not None else (model, keep_accepted)
+        tree = tree if tree is not None else drafter.propose(seqs) if drafter is not None else Tree.root_only(seqs.last)
+        return verify_step(target, cache, seqs, tree, call.sampling, session.counters, call.want_features, keep)
+
+    def fall_back() -> None:  # the dynamic path, uncompiled, unless the caller asked for fixed shapes
+        if not call.fast_path:
+            cache.hold(None)
+
+    # What a captured step depends on besides the session's buffers; a drafter whose drafting is captured
+    # says (None: its graphs are captured anew in every call).
+    drafted = ("none",) if drafter is None else drafter.graph_key() if fixed_nodes is not None else ("input",)
+    recipe = None if drafted is None else (drafted, call.sampling, call.compile, call.want_features)
+    graphs = StepGraphs(enabled=call.graphs_on, on_failure=fall_back, captured=session.captured(recipe))
+    if streamer is not None:
+        streamer.put(call.input_ids.cpu())
+        streamer.put(first.cpu())
+    all_finished = _AllFinished(seqs)
+    done = bool(seqs.finished.all())
+    while not done:
+        t0 = time.perf_counter()
+        tree = None if fixed_nodes is not None else drafter.propose(seqs)
+        t1 = t0 if tree is None else _sync(seqs.end.device)
+        shape = ("drafted", fixed_nodes) if tree is None else tree.shape
+        tokens, count = graphs.run(step, graph_key(shape, seqs, cache), tree)
+        all_finished.copy()
+        if streamer is not None:
+            streamer.put(tokens[0, : int(count[0])].cpu())
+        # A step that reads nothing (the cache held) lets the host read "all finished" one step late, so it
+        # queues step k + 1 while the GPU runs step k instead of idling until it ends: at most one step
+        # runs past the end, every row masked out (it changes nothing, and the device's counters skip it).
+        done = all_finished.read(late=cache.held is not None and streamer is None)
+        stats.draft_seconds += t1 - t0
+        stats.verify_seconds += time.perf_counter() - t1
+    if streamer is not None:
+        streamer.end()
+
+
+def _output(call: _Call, seqs: Sequences, stats: Stats):
+    """``generate``'s return: the sequences, padded after each row's end, and with the stats if asked."""
+    width, pad = call.input_ids.shape[1], call.config.pad_token_id
     out_width = int(seqs.end.max())
     sequences = seqs.tokens[:, :out_width].clone()
-    sequences[:, :width] = input_ids
+    sequences[:, :width] = call.input_ids
     if pad is not None:
-        beyond = torch.arange(out_width, device=dev)[None, :] >= seqs.end[:, None]
+        beyond = torch.arange(out_width, device=seqs.end.device)[None, :] >= seqs.end[:, None]
         sequences[beyond] = pad
-    if config.return_dict_in_generate:
+    if call.config.return_dict_in_generate:
         return SpeculativeOutput(sequences=sequences, stats=stats)
     return sequences
 

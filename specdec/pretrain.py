@@ -191,17 +191,11 @@ def _fit(runs: dict, windows: torch.Tensor, config: Config, seed: int, device: t
             last = now
 
 
-def train(config: Config, out: str | Path, *, device: str | None = None, seed: int = 0,
-          compile: bool = False) -> dict:
-    """Runs the recipe into ``out`` and returns what it records in ``out/recipe.json``."""
-    start = time.perf_counter()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    corpus = corpus_lib.collect(config.include_site_packages, config.max_bytes)
-    corpus.save_manifest(out / "corpus.json")
+def _tokenized(corpus, config: Config, device):
+    """The tokenizer (trained on a sample spread over all packages, as collect's), the training stream on
+    ``device``, the held-out stream, and the training windows of ``seq_len``."""
     sample, budget = [], config.tokenizer_bytes
-    for source in sorted(corpus.train, key=lambda s: s.sha256):  # spread over all packages, as collect's sample
+    for source in sorted(corpus.train, key=lambda s: s.sha256):
         if budget <= 0:
             break
         sample.append(source.text)
@@ -212,6 +206,38 @@ def train(config: Config, out: str | Path, *, device: str | None = None, seed: i
     windows = ids[: len(ids) // config.seq_len * config.seq_len].view(-1, config.seq_len)
     if not len(windows):
         raise ValueError(f"the corpus gives {len(ids)} tokens, fewer than seq_len={config.seq_len}; raise max_bytes")
+    return tokenizer, ids, held_ids, windows
+
+
+def _evaluate_and_save(run: dict, name: str, tokenizer, inputs, held_ids, held_bytes: int, config: Config,
+                       out: Path, device) -> dict:
+    """One trained model's record (held-out loss, a sample completion), and the model saved to ``out/name``."""
+    model, losses = run["model"].eval(), run["losses"]
+    held = evaluate(model, held_ids, config, device)
+    with _autocast(device):
+        completion = model.generate(**inputs, do_sample=False, max_new_tokens=48)
+    record = {
+        "parameters": model.num_parameters(), "fp16_bytes": 2 * model.num_parameters(),
+        "loss_start": losses[0].item(), "train_loss": losses[-config.log_every:].mean().item(),
+        "held_out_loss": held, "held_out_perplexity": math.exp(held),
+        "held_out_bits_per_byte": held / math.log(2) * len(held_ids) / held_bytes,
+        "sample": tokenizer.decode(completion[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True),
+    }
+    model.to(getattr(torch, config.save_dtype)).save_pretrained(out / name)
+    tokenizer.save_pretrained(out / name)
+    return record
+
+
+def train(config: Config, out: str | Path, *, device: str | None = None, seed: int = 0,
+          compile: bool = False) -> dict:
+    """Runs the recipe into ``out`` and returns what it records in ``out/recipe.json``."""
+    start = time.perf_counter()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = corpus_lib.collect(config.include_site_packages, config.max_bytes)
+    corpus.save_manifest(out / "corpus.json")
+    tokenizer, ids, held_ids, windows = _tokenized(corpus, config, device)
     train_bytes, held_bytes = (sum(s.size for s in part) for part in (corpus.train, corpus.held_out))
     print(f"corpus: {len(corpus.train)} files, {train_bytes:,} bytes, {len(ids):,} tokens ({len(windows)} windows "
           f"of {config.seq_len}); held out: {len(held_ids):,} tokens; vocabulary {len(tokenizer)}; "
@@ -243,19 +269,7 @@ def train(config: Config, out: str | Path, *, device: str | None = None, seed: i
         "sample_prompt": prompt,
     }
     for name, run in runs.items():
-        model, losses = run["model"].eval(), run["losses"]
-        held = evaluate(model, held_ids, config, device)
-        with _autocast(device):
-            completion = model.generate(**inputs, do_sample=False, max_new_tokens=48)
-        record[name] = {
-            "parameters": model.num_parameters(), "fp16_bytes": 2 * model.num_parameters(),
-            "loss_start": losses[0].item(), "train_loss": losses[-config.log_every:].mean().item(),
-            "held_out_loss": held, "held_out_perplexity": math.exp(held),
-            "held_out_bits_per_byte": held / math.log(2) * len(held_ids) / held_bytes,
-            "sample": tokenizer.decode(completion[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True),
-        }
-        model.to(getattr(torch, config.save_dtype)).save_pretrained(out / name)
-        tokenizer.save_pretrained(out / name)
+        record[name] = _evaluate_and_save(run, name, tokenizer, inputs, held_ids, held_bytes, config, out, device)
     if config.heads:
         heads_start = time.perf_counter()
         record["heads"] = train_heads(runs["target"]["model"], tokenizer, corpus, config.heads, out, seed)
