@@ -25,7 +25,7 @@ from specdec.drafters.base import require_positive
 from specdec.features import capture
 
 from . import data
-from .store import CONFIG, KINDS, build, drafter, read_config, save
+from .store import CONFIG, KINDS, WEIGHTS, build, drafter, read_config, save
 from .target import check_fingerprint, feature_size
 
 CHECKPOINT = "checkpoint.pt"
@@ -322,10 +322,9 @@ def main(argv=None) -> None:
     options = {k: v for k in ("num_heads", "num_layers") if (v := args.pop(k)) is not None}
     if options and args["kind"] != "medusa":
         p.error("--num-heads and --num-layers are Medusa options; drop them for --kind eagle.")
-    out = Path(args["out"])
-    if (out / "heads.safetensors").is_file() and not (args["resume"] or args.pop("overwrite")):
+    out, overwrite = Path(args["out"]), args.pop("overwrite")
+    if (out / WEIGHTS).is_file() and not (args["resume"] or overwrite):
         p.error(f"--out {str(out)!r} holds finished heads; pass --overwrite to replace them, or --resume to continue.")
-    args.pop("overwrite", None)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path)
     target = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
     args["max_length"] = args["max_length"] or getattr(target.config, "max_position_embeddings", None) or 1024

@@ -269,9 +269,10 @@ def _new_tokens(sequences: torch.Tensor, width: int, stops: set[int], pad: int |
     """Each row's new tokens, up to and including its first eos, without the padding after a finished row."""
     rows = []
     for row in sequences[:, width:].tolist():
-        end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
-        row = row[:end]
-        while end == len(row) and row and pad is not None and row[-1] == pad and row[-1] not in stops:
+        end = next((i + 1 for i, t in enumerate(row) if t in stops), None)
+        if end is not None:
+            row = row[:end]
+        while end is None and row and row[-1] == pad:
             row.pop()
         rows.append(row)
     return rows

@@ -10,6 +10,7 @@ mask creation passes through unchanged to eager and SDPA attention. Models with 
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -24,8 +25,12 @@ SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 def cache_keyword(model) -> str:
     """The name ``model``'s forward takes its cache under: transformers 5.40 drops ``past_key_values`` for
     ``cache`` (from 5.2x both work, the old one with a warning); earlier versions know only the old one."""
-    forward = type(getattr(model, "_orig_mod", model)).forward  # a compiled model: the module it wraps
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+    return _cache_keyword(type(getattr(model, "_orig_mod", model)))  # a compiled model: the module it wraps
+
+
+@functools.cache
+def _cache_keyword(model_class) -> str:  # once per class: forward_nodes asks on every pass
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def layer_windows(config) -> dict[str, int | None] | int | None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -135,9 +136,8 @@ def _rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
 
 
-def inflated_config(config, shape: Shape):
-    """``config`` at ``shape``, with the head dimension kept and the norms' epsilon scaled by kd/D."""
-    p = plan(config, shape)
+def inflated_config(config, shape: Shape, p: Plan):
+    """``config`` at ``shape`` (placed by ``p``), with the head dimension kept and the norms' epsilon scaled by kd/D."""
     hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     new = copy.deepcopy(config)
     new.hidden_size, new.intermediate_size, new.num_hidden_layers = shape.hidden, shape.intermediate, shape.layers
@@ -157,13 +157,14 @@ def inflate(model, shape, *, device=None, dtype=None, seed: int = 0):
     from transformers import AutoModelForCausalLM
 
     shape = shape_of(shape)
-    config = inflated_config(model.config, shape)
+    p = plan(model.config, shape)
+    config = inflated_config(model.config, shape, p)
     device = torch.device(device) if device is not None else model.device
     torch.manual_seed(seed)
     with torch.device(device):
         new = AutoModelForCausalLM.from_config(config, dtype=dtype or model.dtype)
     new.generation_config = copy.deepcopy(model.generation_config)
-    fill(new, model.state_dict(), plan(model.config, shape))
+    fill(new, model.state_dict(), p)
     return new.eval()
 
 
@@ -264,9 +265,6 @@ def _pad_head(name: str, new: torch.Tensor, src: torch.Tensor, p: Plan) -> torch
 def inflate_models(models, shape, draft_shape=None, *, heads_dir):
     """``models`` (``specdec.embedded.Models``) with the target inflated to ``shape``, the draft to ``draft_shape``
     (kept as it is when None), and the heads inflated with the target and saved under ``heads_dir``."""
-    from dataclasses import replace as with_fields
-    from pathlib import Path
-
     from .heads.store import load_head, save
 
     target = inflate(models.target, shape)
@@ -281,7 +279,7 @@ def inflate_models(models, shape, draft_shape=None, *, heads_dir):
             found[kind] = Path(heads_dir) / kind
             save(inflate_head(head, target, shape), found[kind], training={"inflated_from": str(path)})
     recipe = {**models.recipe, "inflated": {"target": str(shape_of(shape)), "draft": str(draft_shape and shape_of(draft_shape))}}
-    return with_fields(models, target=target, draft=draft, recipe=recipe, **found)
+    return replace(models, target=target, draft=draft, recipe=recipe, **found)
 
 
 def inflate_directory(src, out, shape, draft_shape=None, device="cpu"):
@@ -290,7 +288,6 @@ def inflate_directory(src, out, shape, draft_shape=None, device="cpu"):
     Yields a line for each part written."""
     import json
     import shutil
-    from pathlib import Path
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

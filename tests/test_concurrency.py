@@ -95,3 +95,19 @@ def test_a_nested_call_with_the_same_drafter_leaves_the_outer_call_whole(models,
     outer = specdec.generate(models.target, **outer_x, drafter=shared[kind], max_new_tokens=20, streamer=streamer,
                              fast_path=True)
     assert torch.equal(outer, expected[0]) and torch.equal(streamer.inner, expected[1])
+
+
+def test_a_refused_call_leaves_its_drafter_free(models, shared):
+    """Before, the drafter was claimed before the last checks, and a refused call left it claimed for good, so
+    every later call ran on a copy."""
+    from transformers import DynamicCache
+
+    from specdec.generate import _drafters_in_use
+
+    x = prompts(models, 1)[0]
+    prefix = DynamicCache(config=models.target.config)
+    with torch.no_grad():
+        models.target(x["input_ids"][:, :4], past_key_values=prefix)
+    with pytest.raises(ValueError, match="features of the whole prompt"):
+        specdec.generate(models.target, **x, drafter=shared["medusa"], past_key_values=prefix, max_new_tokens=4)
+    assert shared["medusa"] not in _drafters_in_use
