@@ -1,6 +1,6 @@
 """Time one verification step of an 8B-shaped Llama against its memory-bandwidth floor.
 
-A step is what ``specdec.generate`` runs per verification (``generate.verify_step``), batch 1, greedy: the
+A step is what ``specdec.generate`` runs per verification (``step.verify_step``), batch 1, greedy: the
 target over a T-node tree (each node with up to 4 children, breadth first) on a cache of P tokens,
 acceptance, compaction and bookkeeping; the sequence and the cache are rewound to P between steps so every
 step sees the same state. Weights are
@@ -8,7 +8,7 @@ random (cost only), bf16.
 
 - ``step ms``: host wall time per step of the dynamic path, synchronised, median of ``--steps`` after
   warm-up;
-- ``graph ms``: the same for the fast path: ``generate.verify_step`` with the cache held at a fixed length,
+- ``graph ms``: the same for the fast path: ``step.verify_step`` with the cache held at a fixed length,
   replayed from a CUDA graph (``specdec.graphs``), the tree copied in and the sequence rewound per step;
 - ``compiled ms``: the same with the target's forward fused by ``torch.compile`` (``generate(compile=True)``);
   ``compiled GPU ms``: its span on the GPU alone (CUDA events around the step; the GPU still waits for the
@@ -50,10 +50,10 @@ from specdec.attention import head_dim
 from specdec import fusion
 from specdec.cache import TreeCache
 from specdec.forward import Prefix, forward_nodes, prefill
-from specdec.generate import COUNTERS, compiled_keep_accepted, graph_key, keep_accepted, verify_step
 from specdec.graphs import StepGraphs
 from specdec.sampling import Sampling
 from specdec.sequences import Sequences
+from specdec.step import COUNTERS, compiled_keep_accepted, keep_accepted, verify_step
 from specdec.kernels import tree_attention as tree_kernel
 from specdec.tree import Tree
 
@@ -186,7 +186,7 @@ class StepBench:
             return verify_step(target, self.held_cache, self.seqs, tree, self.sampling, self.counters, False, keep)
 
         def run():
-            graphs.run(held_step, graph_key(self.tree.shape, self.seqs, self.held_cache), self.tree)
+            graphs.run(held_step, (self.tree.shape, self.seqs.tokens.shape[1], self.held_cache.capacity), self.tree)
             self.rewind()
         return run
 

@@ -22,6 +22,7 @@ of the last group that fits).
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 from torch import nn
@@ -29,8 +30,8 @@ from transformers import AutoModelForCausalLM
 
 from specdec import features
 from specdec.drafters.base import Drafter, require_positive
+from specdec.drafters.levels import Levels, catch_up
 from specdec.forward import Prefix, extend_chains, forward_nodes, prefill
-from specdec.graphs import addresses
 from specdec.sampling import Sampling
 from specdec.sequences import Sequences
 from specdec.tree import Tree
@@ -84,11 +85,12 @@ class EagleHead(nn.Module):
 
 
 class Eagle(Drafter):
-    """``propose`` is device work alone (``Drafter.fixed_nodes``), captured with verification on a GPU: the
+    """``propose`` is device work alone (``Drafter.drafts_in_step``), captured with verification on a GPU: the
     head's first pass is as wide as the most pairs a row can have gained since the last step, and its cache
     is held at the sequence limit, with each level's nodes fed past it and dropped after the step."""
 
     wants_features = True
+    drafts_in_step = True
 
     def __init__(self, head: EagleHead, top_k: int = 8, depth: int = 5, total_tokens: int = 48):
         require_positive(top_k=top_k, depth=depth, total_tokens=total_tokens)
@@ -109,9 +111,16 @@ class Eagle(Drafter):
         check_fingerprint(self.head.target_fingerprint, target, "This EAGLE head")
         check_device(self.head, target)
 
+    @property
+    def owner(self):
+        return self.head
+
+    def settings(self) -> tuple:
+        return self.top_k, self.depth, self.total_tokens
+
     def begin(self, target, seqs: Sequences, sampling: Sampling) -> None:
         super().begin(target, seqs, sampling)
-        self.cache = self.kept_cache(self.head, seqs)
+        self.cache = self.kept_state().tree_cache(seqs)
         # Pairs (f_c, x_{c+1}) for every column whose feature is known, except the last: propose feeds it.
         width = max(seqs.prompt_length - 2, 0)
         self.cache.ends.fill_(width)  # the pairs cached end there
@@ -119,9 +128,6 @@ class Eagle(Drafter):
             pairs = self.head.inputs(seqs.features[:, :width], seqs.tokens[:, 1 : width + 1])
             self.forwards += prefill(self.head.decoder, self.cache, pairs, seqs.start)[0]
         self.cache.hold(seqs.limit)
-
-    def graph_key(self) -> tuple:
-        return "eagle", self.top_k, self.depth, self.total_tokens, addresses(self.head, self.cache.tensors())
 
     def _run(self, fn, *args):
         with features.capture(self.head.decoder) as captured:
@@ -149,17 +155,15 @@ class Eagle(Drafter):
         """The head over the pairs whose features the last verification produced, the root's last: at most a
         whole path of the last tree and its bonus token (2 after the prompt), none once a row has finished.
         Returns the logits (B, 1, V) and predicted feature (B, 1, H) at the root's pair."""
-        dev = seqs.end.device
-        rows = torch.arange(seqs.end.shape[0], device=dev)[:, None]
-        cached_end = self.cache.ends
-        count = seqs.end - 1 - cached_end
-        cols = (cached_end[:, None] + torch.arange(self.depth + 1, device=dev)).clamp(max=seqs.end.max() - 2)
-        pairs = self.head.inputs(seqs.features.gather(1, cols[..., None].expand(-1, -1, seqs.features.shape[-1])),
-                                 seqs.tokens.gather(1, cols + 1))
-        logits, feats = self._run(extend_chains, pairs, count, Prefix(seqs.start, cached_end))
-        last = (count - 1).clamp(min=0)[:, None]
-        cached_end.copy_(seqs.end - 1)
-        return logits[rows, last], feats[rows, last]
+        def pairs(cols):
+            cols = cols.clamp(max=seqs.end.max() - 2)
+            return self.head.inputs(seqs.features.gather(1, cols[..., None].expand(-1, -1, seqs.features.shape[-1])),
+                                    seqs.tokens.gather(1, cols + 1))
+
+        (logits, feats), last = catch_up(functools.partial(self._run, extend_chains), self.cache, seqs.start,
+                                         seqs.end - 1, self.depth + 1, pairs)
+        at = last[..., None]
+        return logits.gather(1, at.expand(-1, -1, logits.shape[-1])), feats.gather(1, at.expand(-1, -1, feats.shape[-1]))
 
     def _grow(self, seqs: Sequences, root_logits: torch.Tensor, root_feats: torch.Tensor) -> tuple:
         """The candidate pool, level by level: each level feeds the ``top_k`` best nodes so far and ranks their
@@ -172,26 +176,13 @@ class Eagle(Drafter):
         pool_q = [q.expand(-1, k, -1)] if q is not None else None  # each node's draft distribution
         parent_feats = root_feats.expand(-1, k, -1)  # what each frontier node is fed with
         frontier = torch.arange(1, k + 1, device=dev).expand(batch, -1)  # pool indices of the nodes to feed
-        parent_slot = None  # each frontier node's parent among the fed nodes (None: the root)
-        seen = torch.zeros(batch, 0, 0, dtype=torch.bool, device=dev)  # fed node i sees fed node j
-        fed_pos = []
-        root_pos = (seqs.end - 2 - seqs.start)[:, None]
+        fed_parents = None  # each frontier node's parent among the last level fed (None: the root)
+        levels = Levels(functools.partial(self._run, forward_nodes), self.cache, Prefix(seqs.start, seqs.end - 1),
+                        (seqs.end - 2 - seqs.start)[:, None])
         size = 1 + k
         for level in range(1, self.depth):
-            fed = seen.shape[1]
-            width = frontier.shape[1]
-            inherited = (seen.new_zeros(batch, width, fed) if parent_slot is None
-                         else seen.gather(1, parent_slot[..., None].expand(-1, -1, fed)))
-            own = torch.eye(width, dtype=torch.bool, device=dev).expand(batch, -1, -1)
-            new_rows = torch.cat([inherited, own], -1)
-            seen = torch.cat([torch.nn.functional.pad(seen, (0, width)), new_rows], 1)
-            fed_pos.append((root_pos + level).expand(-1, width))
             tokens = torch.cat([seqs.last[:, None]] + pool_tokens, 1)
-            with self.cache.held_past(fed):
-                logits, feats = self._run(
-                    forward_nodes, self.head.inputs(parent_feats, tokens.gather(1, frontier)), fed_pos[-1],
-                    Prefix(seqs.start, seqs.end - 1), new_rows, torch.cat(fed_pos, 1),
-                )
+            logits, feats = levels.feed(self.head.inputs(parent_feats, tokens.gather(1, frontier)), fed_parents)
             kids, kid_logp, q = self._children(logits, seqs, level)  # (B, F, k)
             scores = torch.cat([torch.zeros_like(pool_scores[0][:, :1])] + pool_scores, 1)
             kid_scores = (scores.gather(1, frontier)[..., None] + kid_logp - 1e-6).flatten(1)
@@ -202,8 +193,8 @@ class Eagle(Drafter):
             pool_scores.append(kid_scores)
             best = kid_scores.topk(k, dim=-1).indices
             frontier = size + best
-            parent_slot = fed + best // k
-            parent_feats = feats.gather(1, (best // k)[..., None].expand(-1, -1, feats.shape[-1]))
+            fed_parents = best // k
+            parent_feats = feats.gather(1, fed_parents[..., None].expand(-1, -1, feats.shape[-1]))
             size += kid_scores.shape[1]
         return pool_tokens, pool_parents, pool_scores, pool_q, size
 

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from specdec.drafters.base import Drafter, require_positive
-from specdec.graphs import addresses
 from specdec.sequences import Sequences
 from specdec.tree import Tree
 
@@ -71,6 +70,7 @@ def cartesian_paths(top_k) -> list[tuple[int, ...]]:
 
 class Medusa(Drafter):
     wants_features = True
+    drafts_in_step = True
     forwards_per_step = 1  # one pass of the heads
 
     def __init__(self, heads: MedusaHeads, top_k=None, tree=None):
@@ -96,23 +96,25 @@ class Medusa(Drafter):
         self.max_depth = max(len(p) for p in tree)
         self.max_children = max(collections.Counter(p[:-1] for p in tree).values())
         self.fixed_nodes = len(tree) + 1
-        self.layouts = {}  # device -> the layout there; shared by the copies each call makes
+        self.paths = tuple(tree)
 
     def check(self, target) -> None:
         check_fingerprint(self.heads.target_fingerprint, target, "These Medusa heads")
         check_device(self.heads, target)
 
+    @property
+    def owner(self):
+        return self.heads
+
+    def settings(self) -> tuple:
+        return self.paths
+
     def begin(self, target, seqs: Sequences, sampling) -> None:
         """The tree's layout goes to the device before the first step (a copy from the host cannot be
-        captured), once: steps captured in an earlier call replay reading it where it is."""
+        captured), once per session: steps captured in an earlier call replay reading it where it is."""
         super().begin(target, seqs, sampling)
-        dev = seqs.end.device
-        if dev not in self.layouts:
-            self.layouts[dev] = tuple(x.to(dev) for x in (self.parents, self.depths, self.ranks))
-        self.layout = self.layouts[dev]
-
-    def graph_key(self) -> tuple:
-        return "medusa", self.k, self.max_depth, self.max_children, addresses(self.heads, self.layout)
+        self.layout = self.kept_state().get(("layout", self.paths), lambda: tuple(
+            x.to(seqs.end.device) for x in (self.parents, self.depths, self.ranks)))
 
     @torch.no_grad()
     def propose(self, seqs: Sequences) -> Tree:

@@ -165,7 +165,7 @@ def pack_visibility(visible: torch.Tensor) -> torch.Tensor:
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
 
 
-# How the prefix is split (``benchmarks/tree_attention.py --sweep --splits``; docs/notes.md): into as many
+# How the prefix is split (``benchmarks/tree_attention.py --sweep --splits``; docs/history/notes.md): into as many
 # chunks as fill WAVES waves of programs, the region's program included, each of at least MIN_CHUNK columns.
 # A verification step is latency-bound: a program's fixed cost (about 5 µs on an H100) outweighs its share of
 # a few thousand columns, so every multiprocessor should get a program, and one program more than a wave costs
@@ -194,7 +194,7 @@ def prefix_split(region_start: int, heads: int, block_n: int, device: torch.devi
 
 def launch_config(head_dim: int, rows: int, dtype: torch.dtype) -> dict:
     """Tile sizes and launch options for ``rows`` = query heads per KV head x nodes, from sweeps on an
-    H200 and an H100 (``benchmarks/tree_attention.py --sweep``; docs/notes.md). Blocks are at least 16, the smallest
+    H200 and an H100 (``benchmarks/tree_attention.py --sweep``; docs/history/notes.md). Blocks are at least 16, the smallest
     ``tl.dot`` on a GPU; wide heads and fp32 get smaller row blocks to stay within registers."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_m = max(16, min(128 if block_d <= 128 and dtype != torch.float32 else 64, triton.next_power_of_2(rows)))

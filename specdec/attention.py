@@ -14,6 +14,7 @@ import contextlib
 import functools
 import importlib.util
 import os
+import threading
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ KERNEL = "specdec_tree"
 BACKENDS = ("auto", "kernel", "mask")
 MAX_HEAD_DIM = 256
 _backend: ContextVar[str] = ContextVar("specdec_attention_backend", default="auto")
+_one_pass_at_a_time = threading.RLock()
 
 
 @contextlib.contextmanager
@@ -125,18 +127,23 @@ def tree_attention_forward(module, query, key, value, attention_mask, scaling=No
 
 @contextlib.contextmanager
 def kernel_attention(model):
-    """Point ``model``'s config (and sub-configs) at the kernel for one forward pass, then restore them."""
-    config = model.config
-    saved = {"": config._attn_implementation}
-    for name in config.sub_configs:
-        sub = getattr(config, name, None)
-        if sub is not None:
-            saved[name] = sub._attn_implementation
-    config._attn_implementation = KERNEL
-    try:
-        yield
-    finally:
-        config._attn_implementation = saved
+    """Point ``model``'s config (and sub-configs) at the kernel for one forward pass, then restore them.
+
+    The config is shared by every thread using the model, so such passes take turns: two that overlapped
+    restored each other's setting, one finishing without the kernel and the config left naming it. (A pass
+    only launches kernels, which the GPU runs in order anyway.)"""
+    with _one_pass_at_a_time:
+        config = model.config
+        saved = {"": config._attn_implementation}
+        for name in config.sub_configs:
+            sub = getattr(config, name, None)
+            if sub is not None:
+                saved[name] = sub._attn_implementation
+        config._attn_implementation = KERNEL
+        try:
+            yield
+        finally:
+            config._attn_implementation = saved
 
 
 AttentionInterface.register(KERNEL, tree_attention_forward)

@@ -22,8 +22,6 @@ exact, at the cost of memory proportional to the sequence rather than to the win
 from __future__ import annotations
 
 import contextlib
-import threading
-import weakref
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
@@ -107,7 +105,7 @@ class TreeCache(Cache):
         self.held: int | None = None
         self._tables: tuple | None = None  # (the buffers' addresses, ``_address_tables``' answer for them)
         # (B,) one past each row's last cached column, for a cache whose rows end apart from the sequences'
-        # (a drafter's); kept with the cache so that it stays where a captured step recorded it.
+        # (a drafter's, ``session.Kept``); kept with the cache so that it stays where a captured step recorded it.
         self.ends: torch.Tensor | None = None
 
     @classmethod
@@ -205,38 +203,3 @@ class TreeCache(Cache):
     def capacity(self) -> int:
         """Columns the layers have room for: they grow together, and only growing moves their buffers."""
         return self.layers[0].capacity if self.layers else 0
-
-
-_kept: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_in_use: weakref.WeakSet = weakref.WeakSet()
-_lock = threading.Lock()
-
-
-def kept_cache(owner, seqs) -> TreeCache:
-    """The cache ``owner`` (a drafter's model or head) used in its last call, reset, when it fits the rows of
-    ``seqs`` (a ``Sequences``); else a new one with as many columns, kept from now on (freed with ``owner``).
-    Its buffers then stay where a step captured in an earlier call recorded them. ``ends`` is (B,), zero.
-    The cache is this call's until ``put_back``: a call that overlaps it (another thread, or a nested call
-    from a streamer) gets a cache of its own, not kept."""
-    with _lock:
-        cache = _kept.get(owner)
-        busy = cache is not None and cache in _in_use
-        if cache is None or busy or cache.ends.shape != seqs.end.shape or cache.ends.device != seqs.end.device:
-            cache = TreeCache(seqs.tokens.shape[1])
-            cache.ends = torch.zeros_like(seqs.end)
-            if not busy:
-                _kept[owner] = cache
-        _in_use.add(cache)
-    cache.reset()
-    return cache
-
-
-def put_back(cache: TreeCache) -> None:
-    """The call that took ``cache`` from ``kept_cache`` has ended: a later call may take it."""
-    with _lock:
-        _in_use.discard(cache)
-
-
-def release_kept(owner) -> None:
-    """Free the cache ``kept_cache`` keeps for ``owner``."""
-    _kept.pop(owner, None)

@@ -43,6 +43,13 @@ def layer_windows(config) -> dict[str, int | None] | int | None:
     return {kind: (window if kind == "sliding_attention" else None) for kind in set(layer_types)}
 
 
+def unwrap(model):
+    """The transformers model behind a PEFT model (its adapters injected in place): what its ``generate`` runs."""
+    if type(model).__name__.startswith("PeftModel") and hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
 def check_model(model, argument: str) -> None:
     """Refuse, before anything runs, a model this engine cannot drive exactly."""
     from transformers import PreTrainedModel

@@ -5,11 +5,12 @@ At verification shapes (one to a few dozen rows) cuBLAS reads a small weight mat
 bandwidth and gives it a split-K reduction kernel of its own: an 8B Llama's q, k and v took 31.4 µs a layer as
 three GEMMs and 21.3 µs as one (H100, 16 rows; ``benchmarks/fused_projections.py``). So the weights of each
 group move once into one buffer, each module's weight becoming a view of its rows: the same Parameter objects,
-names and values, and no extra memory. During a call, the group's first module computes every member's
+names and values, and no extra memory, but the caller's model does change where its weights live
+(``fuse_projections=False`` opts out). During a call, the group's first module computes every member's
 output and the others return their columns, if they are called on the same input; otherwise each runs alone.
 Outside specdec's calls the modules run as nn.Linear does, on their views. Modules are matched by the names
-transformers gives them; a member that is not exactly an ``nn.Linear``, or whose ``forward`` someone else
-replaced (accelerate's offloading hooks), leaves its group unfused.
+transformers gives them; a member that is not exactly an ``nn.Linear`` (PEFT's LoRA layers), or that another
+library hooks (accelerate's offloading, forward hooks), leaves its group unfused.
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ from torch import nn
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether another library acts on ``module``'s calls: accelerate replaces ``forward`` and sets
+    ``_hf_hook``; anyone may register forward hooks. Such a module runs as it is, unfused."""
+    return ("forward" in vars(module) or hasattr(module, "_hf_hook") or bool(module._forward_hooks)
+            or bool(module._forward_pre_hooks))
+
+
 class _Group:
     """Linear modules that project one input, their weights (and biases) rows of one buffer."""
 
@@ -40,7 +48,7 @@ class _Group:
     def fusable(members) -> bool:
         first = members[0]
         return all(
-            type(m) is nn.Linear and "forward" not in vars(m) and m.in_features == first.in_features
+            type(m) is nn.Linear and not _hooked(m) and m.in_features == first.in_features
             and m.weight.dtype == first.weight.dtype and m.weight.device == first.weight.device
             and (m.bias is None) == (first.bias is None)
             for m in members

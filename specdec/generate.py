@@ -8,29 +8,25 @@ and cache are never modified.
 
 from __future__ import annotations
 
-import copy
-import functools
 import os
-import threading
 import time
 import warnings
-import weakref
 from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicCache
 
 from . import features
-from . import fusion
 from . import session as sessions
 from .drafters.base import Drafter, require_positive
 from .drafters.draft_model import DraftModel
 from .drafters.prompt_lookup import PromptLookup
-from .forward import Prefix, check_model, forward_nodes, prefill
+from .forward import check_model, prefill, unwrap
 from .graphs import StepGraphs
 from .output import SpeculativeOutput, Stats
 from .sampling import Sampling
 from .sequences import Sequences
+from .step import COUNTERS, compiled_keep_accepted, keep_accepted, verify_step
 from .tree import Tree
 from .verify import verify
 
@@ -53,26 +49,6 @@ def _resolve_drafter(drafter, assistant_model, prompt_lookup_num_tokens) -> Draf
         raise TypeError(f"`drafter` must be a specdec Drafter (DraftModel, PromptLookup, ...), got "
                         f"{type(drafter).__name__}.{hint}")
     return drafter
-
-
-_drafters_in_use: weakref.WeakSet = weakref.WeakSet()
-_claims = threading.Lock()
-
-
-def _claim(drafter: Drafter) -> Drafter:
-    """``drafter`` for this call, or a shallow copy of it while another call (another thread, or one this
-    call's streamer makes) is using it: per-call state set on it then meets no other call's. ``_unclaim``
-    when the call ends."""
-    with _claims:
-        if drafter in _drafters_in_use:
-            drafter = copy.copy(drafter)
-        _drafters_in_use.add(drafter)
-    return drafter
-
-
-def _unclaim(drafter: Drafter) -> None:
-    with _claims:
-        _drafters_in_use.discard(drafter)
 
 
 def _check_ids(input_ids) -> torch.Tensor:
@@ -172,22 +148,6 @@ def _sync(device):
     return time.perf_counter()
 
 
-def _new_token_count(acc, sampling: Sampling, room: torch.Tensor) -> torch.Tensor:
-    """Accepted tokens each row keeps: cut after the first eos and at ``max_new_tokens``."""
-    count = acc.length
-    if sampling.eos_token_ids:
-        steps = torch.arange(acc.tokens.shape[1], device=count.device)
-        is_eos = sampling.is_eos(acc.tokens) & (steps < count[:, None])
-        first = torch.where(is_eos, steps, acc.tokens.shape[1]).min(1).values
-        count = torch.minimum(count, first + 1)
-    return torch.minimum(count, room)
-
-
-def graph_key(shape, seqs: Sequences, cache) -> tuple:
-    """What a step captured for a tree of ``shape`` depends on: buffers that grew have moved."""
-    return shape, seqs.tokens.shape[1], cache.capacity
-
-
 class _AllFinished:
     """Whether every row has finished, copied to the host after each step without waiting for it."""
 
@@ -213,62 +173,6 @@ class _AllFinished:
             self.copied[-2 if late else -1].synchronize()
             del self.copied[:-1]
         return bool(self.host)
-
-
-# Counters a step adds up on the device, so that keeping statistics reads nothing back per step.
-COUNTERS = ("steps", "row_steps", "drafted_tokens", "accepted_tokens", "new_tokens")
-
-
-def keep_accepted(tree: Tree, logits: torch.Tensor, features: torch.Tensor | None, sampling: Sampling,
-                  seqs: Sequences, counters: torch.Tensor):
-    """``verify_step`` after the target's pass: accept a path per row from ``logits`` (and ``features``, the
-    target's hidden states, when a drafter reads them), append it to ``seqs``, count. Returns the path, how
-    many of its cache columns each row keeps, the new tokens, and how many of them each row keeps.
-
-    Every write in place and no host reads: dozens of small kernels that ``torch.compile`` fuses into a few."""
-    active = ~seqs.finished
-    acc = verify(tree, logits, sampling, seqs.generated[:, None] + tree.depth, seqs.end[:, None] + tree.depth)
-    count = torch.where(active, _new_token_count(acc, sampling, seqs.stop - seqs.end), 0)
-    if features is not None:
-        seqs.write_features(seqs.end - 1, features.gather(1, acc.path[..., None].expand(-1, -1, features.shape[-1])), count)
-    seqs.append(acc.tokens, count)
-    seqs.finished |= (seqs.end >= seqs.stop) | (sampling.is_eos(seqs.last) & (count > 0))
-    counters += torch.stack([
-        active.any().long(),
-        active.sum(),
-        (tree.valid[:, 1:] & active[:, None]).sum(),
-        torch.where(active, acc.length - 1, 0).sum(),
-        count.sum(),
-    ])
-    return acc.path, torch.where(active, acc.length, 0), acc.tokens, count
-
-
-def verify_step(model, cache, seqs: Sequences, tree: Tree, sampling: Sampling, counters: torch.Tensor,
-                want_features: bool, keep=keep_accepted) -> tuple[torch.Tensor, torch.Tensor]:
-    """One verification: the target runs once over ``tree``, each row's accepted path stays in ``cache``
-    and is appended to ``seqs``, and ``counters`` (see ``COUNTERS``) grow. Returns the new tokens (B, D)
-    and how many of them each row keeps. ``keep``: ``keep_accepted``, or ``compiled_keep_accepted()`` to go with
-    a compiled ``model``.
-
-    Every write is in place, and with the cache held at a fixed length (``TreeCache.hold``) nothing reads
-    the device, so a CUDA graph can capture the whole step (:mod:`specdec.graphs`). Otherwise the tree goes
-    after the cache's current length, which is then cropped to the longest row.
-    """
-    cache_len = cache.get_seq_length()
-    dest = seqs.end - 1
-    positions = (dest - seqs.start)[:, None] + tree.depth
-    with features.capture(model, want_features) as captured:
-        logits = forward_nodes(model, cache, tree.tokens, positions, Prefix(seqs.start, dest), tree.ancestors, positions)
-    path, kept, tokens, count = keep(tree, logits, captured[0] if captured else None, sampling, seqs, counters)
-    cache.compact(cache_len + path, dest, kept)
-    return tokens, count
-
-
-@functools.cache
-def compiled_keep_accepted():
-    """``keep_accepted`` fused by ``torch.compile``, one per process (made on first use: compiling is lazy,
-    but importing Dynamo is not)."""
-    return torch.compile(keep_accepted)
 
 
 @torch.no_grad()
@@ -350,14 +254,31 @@ class _Call:
         return bool(self.fast_path or self.compile or self.graphs_on)
 
     @property
-    def fixed_nodes(self) -> int | None:
-        """Drafting joins the captured step when the drafter's trees have a fixed size and its work is on the device."""
-        return 1 if self.drafter is None else self.drafter.fixed_nodes
+    def drafts_in_step(self) -> bool:
+        """Drafting joins the (captured) step: the drafter says so (``Drafter.drafts_in_step``), or nothing is
+        drafted."""
+        return self.drafter is None or self.drafter.drafts_in_step
+
+    @property
+    def recipe(self) -> tuple | None:
+        """What a captured step depends on besides the session's buffers and the tree's shape; None: nothing
+        captured is kept past this call (a drafter without ``settings``)."""
+        drafter = self.drafter
+        if drafter is None:
+            drafted = ("none",)
+        elif not drafter.drafts_in_step:
+            drafted = ("input",)
+        elif drafter.settings() is None:
+            return None
+        else:
+            drafted = (type(drafter), drafter.kept, drafter.settings())
+        return drafted, self.sampling, self.compile, self.want_features
 
 
 def _resolve(model, input_ids, attention_mask, drafter, assistant_model, prompt_lookup_num_tokens,
              generation_config, streamer, past_key_values, fast_path, compile, fuse_projections, kwargs,
              both_caches: bool) -> _Call:
+    model = unwrap(model)
     check_model(model, "model")
     if both_caches:  # `cache` is transformers 5.40's name for past_key_values
         raise ValueError("Pass the prompt's cache as `cache` or as `past_key_values`, not both.")
@@ -400,31 +321,23 @@ def _check_flags(fast_path, compile, fuse_projections) -> None:
 
 
 def _run(call: _Call):
-    """The session's buffers, the prompt's pass, then verification steps until every row has finished."""
+    """The call's session, the prompt's pass, then verification steps until every row has finished."""
     model, stats = call.model, Stats()
-    projections = fusion.prepare(model) if call.fuse_projections else fusion.NONE  # before the session: weights move
-    if call.fixed and call.past_key_values is None:
-        session = sessions.kept(model, call.input_ids, call.mask, call.max_new, len(COUNTERS))
-    else:
-        session = sessions.Session.fresh(call.input_ids, call.mask, call.max_new, len(COUNTERS), call.past_key_values)
-    drafter = call.drafter = None if call.drafter is None else _claim(call.drafter)
-    projections.enter()
-    try:
-        first = _prefill(call, session, stats)
-        _decode(call, session, stats, first)
-    finally:
-        projections.leave()
-        session.busy = False
-        if drafter is not None:
-            try:
-                drafter.end()
-            finally:
-                _unclaim(drafter)
+    session = sessions.open_session(model, call.input_ids, call.mask, call.max_new, len(COUNTERS), call.fixed,
+                                    call.past_key_values, call.fuse_projections)
+    with session:
+        call.drafter = session.drafter(call.drafter)
+        try:
+            first = _prefill(call, session, stats)
+            _decode(call, session, stats, first)
+        finally:
+            if call.drafter is not None:
+                call.drafter.end()
     for name, value in zip(COUNTERS, session.counters.tolist()):
         setattr(stats, name, value)
     stats.target_forwards += stats.steps
-    if drafter is not None:
-        stats.draft_forwards = drafter.forwards + drafter.forwards_per_step * stats.steps
+    if call.drafter is not None:
+        stats.draft_forwards = call.drafter.forwards + call.drafter.forwards_per_step * stats.steps
     return _output(call, session.seqs, stats)
 
 
@@ -452,7 +365,6 @@ def _prefill(call: _Call, session, stats: Stats) -> torch.Tensor:
 def _decode(call: _Call, session, stats: Stats, first: torch.Tensor) -> None:
     """Verification steps, replayed from the session's graphs where they can be, until every row finished."""
     model, drafter, seqs, cache, streamer = call.model, call.drafter, session.seqs, session.cache, call.streamer
-    fixed_nodes = call.fixed_nodes
     # Compiled only where shapes are fixed: a held cache (a failed capture lets go of it).
     fused = (torch.compile(model), compiled_keep_accepted()) if call.compile else (model, keep_accepted)
 
@@ -465,11 +377,8 @@ def _decode(call: _Call, session, stats: Stats, first: torch.Tensor) -> None:
         if not call.fast_path:
             cache.hold(None)
 
-    # What a captured step depends on besides the session's buffers; a drafter whose drafting is captured
-    # says (None: its graphs are captured anew in every call).
-    drafted = ("none",) if drafter is None else drafter.graph_key() if fixed_nodes is not None else ("input",)
-    recipe = None if drafted is None else (drafted, call.sampling, call.compile, call.want_features)
-    graphs = StepGraphs(enabled=call.graphs_on, on_failure=fall_back, captured=session.captured(recipe))
+    graphs = StepGraphs(enabled=call.graphs_on, on_failure=fall_back, captured=session.graphs(call.recipe))
+    in_step = ("drafted", 1 if drafter is None else drafter.fixed_nodes)
     if streamer is not None:
         streamer.put(call.input_ids.cpu())
         streamer.put(first.cpu())
@@ -477,10 +386,9 @@ def _decode(call: _Call, session, stats: Stats, first: torch.Tensor) -> None:
     done = bool(seqs.finished.all())
     while not done:
         t0 = time.perf_counter()
-        tree = None if fixed_nodes is not None else drafter.propose(seqs)
+        tree = None if call.drafts_in_step else drafter.propose(seqs)
         t1 = t0 if tree is None else _sync(seqs.end.device)
-        shape = ("drafted", fixed_nodes) if tree is None else tree.shape
-        tokens, count = graphs.run(step, graph_key(shape, seqs, cache), tree)
+        tokens, count = graphs.run(step, (in_step if tree is None else tree.shape, session.sizes()), tree)
         all_finished.copy()
         if streamer is not None:
             streamer.put(tokens[0, : int(count[0])].cpu())
@@ -512,10 +420,10 @@ class SpeculativeModel:
     """``wrap(model, drafter)``: behaves as ``model``, but its ``generate`` speculates."""
 
     def __init__(self, model, drafter: Drafter | None = None):
-        check_model(model, "model")
+        check_model(unwrap(model), "model")
         drafter = _resolve_drafter(drafter, None, None)
         if drafter is not None:
-            drafter.check(model)
+            drafter.check(unwrap(model))
         self.model = model
         self.drafter = drafter
 

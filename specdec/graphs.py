@@ -2,16 +2,17 @@
 
 A transformers forward pass launches a few hundred small kernels from Python; for models up to a few
 billion parameters that host work, not the GPU, sets the pace of each step. A step whose shapes are fixed
-and that never reads the device (``generate.verify_step`` with the cache held at a fixed length) can be
+and that never reads the device (``step.verify_step`` with the cache held at a fixed length) can be
 recorded once and replayed with a single launch.
 
 Per tree shape: the first step runs eagerly on a side stream (which compiles the Triton kernels and warms
 cuBLAS and the caching allocator, and is a real step), the second is captured and replayed, and so is
-every later one; only the tree is copied into the graph's input buffers. A graph records buffer
-addresses, so the caller's key holds what moves them (``generate.graph_key``: the buffers' sizes, which
-only grow; and, for graphs kept between calls, :func:`addresses`). A step that cannot be captured (a model
-whose forward reads the device, say) is run eagerly instead, after the caller's ``on_failure`` (the loop
-lets go of the fixed shapes there); graphs are off for the rest of the call, and a warning says why, once.
+every later one; only the tree is copied into the graph's input buffers. A graph records buffer addresses,
+so the graphs belong to the session that owns the buffers (:mod:`specdec.session`), keyed by the tree's
+shape and the buffers' sizes (which only grow, and move when they do). A step that cannot be captured (a
+model whose forward reads the device, say) is run eagerly instead, after the caller's ``on_failure`` (the
+loop lets go of the fixed shapes there); graphs are off for the rest of the call, and a warning says why,
+once.
 """
 
 from __future__ import annotations
@@ -34,19 +35,6 @@ def say_once(message: str) -> None:
 
 
 TREE_TENSORS = ("tokens", "parents", "valid", "draft_probs")
-
-
-def addresses(*things) -> tuple:
-    """Where the tensors in ``things`` (tensors, modules, lists of tensors) live, with their shapes: what a
-    step captured in a CUDA graph recorded of them. Equal for two calls, the step replays correctly in both."""
-    found = []
-    for thing in things:
-        if isinstance(thing, torch.nn.Module):
-            tensors = [*thing.parameters(), *thing.buffers()]
-        else:
-            tensors = thing if isinstance(thing, (list, tuple)) else [thing]
-        found += [(x.data_ptr(), x.dtype, tuple(x.shape), x.stride()) for x in tensors]
-    return tuple(found)
 
 
 def _inputs(tree: Tree) -> Tree:

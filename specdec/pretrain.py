@@ -296,13 +296,17 @@ def train_heads(target, tokenizer, corpus: corpus_lib.Corpus, heads: Heads, out:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m specdec.pretrain", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+    from .cli import HelpWithDefaults
+
+    parser = argparse.ArgumentParser(prog="python -m specdec.pretrain", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpWithDefaults)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny",
+                        help="the recipe: tiny (a CPU, minutes), embedded (what ships in the package), gpu (~200M)")
     parser.add_argument("--out", required=True, help="directory for target/, draft/, corpus.json, recipe.json")
     parser.add_argument("--steps", type=int, help="training steps (default: the config's)")
     parser.add_argument("--heads-steps", type=int, help="steps for each kind of head (default: the config's; 0: none)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training forward passes")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:

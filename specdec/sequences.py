@@ -72,7 +72,7 @@ class Sequences:
     def _reserve(self, width: int) -> None:
         """Room for ``width`` columns written from any column before ``limit``: a bound known on the host, so
         sizing the buffers never reads the device. When they grow they move, so a decoding step captured in a
-        CUDA graph is keyed by their size (``generate.graph_key``)."""
+        CUDA graph is keyed by their size (``Session.sizes``)."""
         needed = self.limit + width
         capacity = self.tokens.shape[1]
         if needed <= capacity:

@@ -1,4 +1,4 @@
-"""Drafters with ``fixed_nodes`` draft inside the step a CUDA graph captures (``Drafter.fixed_nodes``), where a
+"""Drafters that draft inside the step a CUDA graph captures (``Drafter.drafts_in_step``), where a
 replay runs no Python: checked here on a CPU, over whole ``generate`` calls, that their ``propose`` never
 reads the device, always proposes ``fixed_nodes`` nodes, leaves its Python-side state as it found it, and
 that the loop's count of their forward passes is the true one."""
@@ -83,22 +83,22 @@ def target():
 @pytest.mark.parametrize("fast_path", [True, False], ids=["fixed-shapes", "dynamic"])
 @pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampling"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_propose_is_device_work_alone(no_device_reads, target, kind, do_sample, fast_path):
+def test_propose_is_device_work_alone(no_device_reads, target, kind, do_sample, fast_path, monkeypatch):
     torch.manual_seed(0)
     drafter = make_drafter(kind, target)
-    assert drafter.fixed_nodes is not None, "drafting is not captured with verification"
+    assert drafter.drafts_in_step and drafter.fixed_nodes is not None, "drafting is not captured with verification"
     trees = []
-    real_propose = drafter.propose
+    real_propose = type(drafter).propose
 
-    def propose(seqs):
-        before = {name: python_state(value) for name, value in vars(drafter).items()}
+    def propose(self, seqs):  # on the call's copy of the drafter
+        before = {name: python_state(value) for name, value in vars(self).items()}
         with no_device_reads():
-            tree = real_propose(seqs)
-        assert {name: python_state(value) for name, value in vars(drafter).items()} == before
+            tree = real_propose(self, seqs)
+        assert {name: python_state(value) for name, value in vars(self).items()} == before
         trees.append(tree)
         return tree
 
-    drafter.propose = propose
+    monkeypatch.setattr(type(drafter), "propose", propose)
     passes = []
     module = drafting_module(drafter)
     hook = module.register_forward_pre_hook(lambda *_: passes.append(1)) if module is not None else None

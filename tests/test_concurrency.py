@@ -97,17 +97,44 @@ def test_a_nested_call_with_the_same_drafter_leaves_the_outer_call_whole(models,
     assert torch.equal(outer, expected[0]) and torch.equal(streamer.inner, expected[1])
 
 
-def test_a_refused_call_leaves_its_drafter_free(models, shared):
-    """Before, the drafter was claimed before the last checks, and a refused call left it claimed for good, so
-    every later call ran on a copy."""
-    from transformers import DynamicCache
-
-    from specdec.generate import _drafters_in_use
-
+def test_the_callers_drafter_keeps_no_call_state(models, shared):
+    """Every call drafts with its own copy of the drafter: the object the caller holds gets no per-call
+    attributes (caches, sampling settings) that another call could meet."""
+    before = {kind: dict(vars(drafter)) for kind, drafter in shared.items()}
     x = prompts(models, 1)[0]
-    prefix = DynamicCache(config=models.target.config)
-    with torch.no_grad():
-        models.target(x["input_ids"][:, :4], past_key_values=prefix)
-    with pytest.raises(ValueError, match="features of the whole prompt"):
-        specdec.generate(models.target, **x, drafter=shared["medusa"], past_key_values=prefix, max_new_tokens=4)
-    assert shared["medusa"] not in _drafters_in_use
+    for kind, drafter in shared.items():
+        specdec.generate(models.target, **x, drafter=drafter, max_new_tokens=8, fast_path=True)
+        assert vars(drafter).keys() == before[kind].keys()
+
+
+def test_overlapping_kernel_passes_leave_the_config_as_it_was():
+    """On CUDA each verifier pass points the shared config at the tree kernel and restores it. Two passes that
+    overlapped (threads) restored each other's setting: the config was left naming the kernel, and a plain
+    forward then failed."""
+    import time
+
+    from models import tiny
+    from specdec import attention
+
+    model = tiny("llama")
+    original = model.config._attn_implementation
+    inside, second_inside, seen = threading.Event(), threading.Event(), []
+
+    def first():
+        with attention.kernel_attention(model):
+            inside.set()
+            second_inside.wait(0.3)  # ends while the second pass runs, if that one could start
+
+    def second():
+        inside.wait()
+        with attention.kernel_attention(model):
+            second_inside.set()
+            time.sleep(0.3)
+            seen.append(model.config._attn_implementation)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == [attention.KERNEL] and model.config._attn_implementation == original

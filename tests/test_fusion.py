@@ -137,3 +137,37 @@ def test_unfused_on_request_and_bad_value():
     assert attn.q_proj.weight.untyped_storage().data_ptr() != attn.k_proj.weight.untyped_storage().data_ptr()
     with pytest.raises(ValueError, match="fuse_projections"):
         specdec.generate(model, ids, max_new_tokens=3, fuse_projections="yes")
+
+
+def test_a_peft_model_runs_with_its_adapters_and_its_lora_layers_unfused():
+    """A LoRA layer is not an ``nn.Linear`` (it adds its adapter's output): its group stays apart, the others
+    fuse, and the text is what the PEFT model's own ``generate`` writes (the model was refused before)."""
+    peft = pytest.importorskip("peft")
+    model = tiny()
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                      init_lora_weights=False)).eval()
+    ids, mask = prompts(2, 7, 0)
+    want = lora.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=10)
+    assert torch.equal(specdec.generate(lora, ids, attention_mask=mask, assistant_model=lora, max_new_tokens=10),
+                       want)
+    layer = model.model.layers[0]
+    assert not fusion._Group.fusable([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
+    assert layer.mlp.gate_proj.weight.untyped_storage().data_ptr() == layer.mlp.up_proj.weight.untyped_storage().data_ptr()
+
+
+def test_modules_that_another_library_hooks_are_left_alone():
+    """accelerate's hooks replace ``forward``; a forward hook acts on every call: fusing would skip them."""
+    accelerate_hooks = pytest.importorskip("accelerate.hooks")
+    model = tiny()
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    accelerate_hooks.add_hook_to_module(attn.k_proj, accelerate_hooks.ModelHook())
+    calls = []
+    mlp.up_proj.register_forward_hook(lambda *_: calls.append(1))
+    ids, mask = prompts(1, 6, 0)
+    want = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=6)
+    calls.clear()
+    assert torch.equal(specdec.generate(model, ids, attention_mask=mask, max_new_tokens=6), want)
+    assert calls  # the hook saw specdec's passes
+    groups = [g.members for g in fusion.prepare(model).groups]
+    assert [attn.q_proj, attn.k_proj, attn.v_proj] not in groups and [mlp.gate_proj, mlp.up_proj] not in groups
+    assert [model.model.layers[1].mlp.gate_proj, model.model.layers[1].mlp.up_proj] in groups

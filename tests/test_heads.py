@@ -4,6 +4,8 @@ Greedy equality and sampling losslessness for both drafters run with the others 
 test_sampling.py; training is tested in test_train_heads.py.
 """
 
+from unittest import mock
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -17,15 +19,17 @@ from specdec.sequences import Sequences
 
 
 class Spy(Drafter):
-    """Wraps a drafter and keeps the batch's sequences, to look at the features the engine stored."""
+    """Wraps a drafter and keeps the batch's sequences, to look at the features the engine stored (in a dict
+the call's copy of the spy shares)."""
 
     wants_features = True
 
     def __init__(self, inner):
         self.inner = inner
+        self.seen = {}
 
     def begin(self, target, seqs, sampling):
-        self.seqs = seqs
+        self.seen["seqs"] = seqs
         self.inner.begin(target, seqs, sampling)
 
     def propose(self, seqs):
@@ -47,7 +51,7 @@ def test_engine_stores_the_target_features_of_every_accepted_token(arch):
     ids, mask = prompts(4, 9, seed=2)
     spy = Spy(heads.Eagle(heads.EagleHead(model), top_k=3, depth=3, total_tokens=8))
     out = specdec.generate(model, ids, attention_mask=mask, drafter=spy, max_new_tokens=20, eos_token_id=None)
-    seqs = spy.seqs
+    seqs = spy.seen["seqs"]
     for b in range(4):
         start, end = int(seqs.start[b]), int(seqs.end[b])
         assert torch.equal(seqs.tokens[b, start:end], out[b, start:end])
@@ -192,10 +196,15 @@ def test_head_on_another_device_is_refused():
 
 def sampled_trees(target, drafter) -> list:
     """The trees with drafted nodes that ``drafter`` proposes while the target samples (2 ragged rows)."""
-    trees, propose = [], drafter.propose
-    drafter.propose = lambda seqs: trees.append(propose(seqs)) or trees[-1]
+    trees, propose = [], type(drafter).propose
+
+    def record(self, seqs):  # on the call's copy of the drafter
+        trees.append(propose(self, seqs))
+        return trees[-1]
+
     ids, mask = prompts(2, 9, seed=0)
-    specdec.generate(target, ids, attention_mask=mask, drafter=drafter, do_sample=True, max_new_tokens=6)
+    with mock.patch.object(type(drafter), "propose", record):
+        specdec.generate(target, ids, attention_mask=mask, drafter=drafter, do_sample=True, max_new_tokens=6)
     drafted = [t for t in trees if t.tokens.shape[1] > 1]
     assert drafted
     return drafted

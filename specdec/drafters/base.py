@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .. import cache as caches
 from ..sampling import Sampling
 from ..sequences import Sequences
+from ..session import Kept
 from ..tree import Tree
 
 
@@ -18,25 +18,47 @@ def require_positive(**counts) -> None:
 class Drafter:
     """Proposes a token tree rooted at each row's last token.
 
-    ``check`` runs before anything else and must raise on a target this drafter cannot serve; ``begin``
-    sets up per-call state. A call that overlaps another using the same drafter object (in another thread,
-    or nested in a streamer) runs on a shallow copy of it, so per-call attributes never meet another call's;
-    ``propose`` is called once per verification step. Drafters that sample fill ``Tree.draft_probs`` with
-    the distribution each node was drawn from; deterministic drafters leave it None.
+    A call runs ``check(target)`` before anything else (it must raise on a target this drafter cannot serve),
+    then on its own shallow copy of the drafter: ``begin`` once, ``propose`` once per verification step, and
+    ``end``. So per-call attributes set in ``begin`` never meet another call's, and one drafter object can
+    serve threads and nested calls. Drafters that sample fill ``Tree.draft_probs`` with the distribution each
+    node was drawn from; deterministic drafters leave it None.
+
+    **The capture contract.** A drafter with ``drafts_in_step`` True drafts inside the verification step, which
+    a CUDA graph captures and replays: its ``propose`` is device work alone, always ``fixed_nodes`` nodes, reads
+    nothing back from the device, updates per-step state in tensors in place, and leaves Python-side state as it
+    found it. Every tensor it reads or writes across steps comes from the call's session through ``kept`` (see
+    :class:`specdec.session.Kept`), so that a graph captured in one call replays in the next. Otherwise
+    ``propose`` runs on the host before each step and its tree is copied into the graph's inputs.
     """
 
-    forwards: int = 0  # model forward passes spent drafting in the current call
-    # True for drafters that read the target's features (``Sequences.features``): the engine then
-    # captures them in every target pass, the prompt's included.
+    drafts_in_step: bool = False
+    fixed_nodes: int | None = None  # the node count of every tree, for a drafter that drafts in the step
+    forwards_per_step: int = 0  # forward passes per ``propose`` in the step (a replayed graph runs no Python)
+    # True for drafters that read the target's features (``Sequences.features``): the engine then captures
+    # them in every target pass, the prompt's included.
     wants_features: bool = False
-    # The node count of every tree, for drafters whose ``propose`` is device work alone (fixed shapes, no
-    # reads of the device; per-step state lives in tensors updated in place, and Python-side state is back as
-    # it was when it returns): a CUDA graph then captures drafting with verification. The loop runs such a
-    # ``propose`` inside the step on every path.
-    fixed_nodes: int | None = None
-    # Forward passes per ``propose`` of such a drafter, which the loop counts into ``forwards`` (a replayed
-    # graph runs no Python).
-    forwards_per_step: int = 0
+    forwards: int = 0  # forward passes the drafter counted itself this call (its prompt pass; propose off the step)
+    kept = None  # the call's session's ``Kept`` for ``owner``, set on the call's copy before ``begin``
+
+    @property
+    def owner(self):
+        """The module whose weights drafting reads (a draft model, heads), keeping state in the session; None
+        for a drafter with no model."""
+        return None
+
+    def settings(self) -> tuple | None:
+        """For a drafter that drafts in the step: what its captured ``propose`` depends on besides ``owner`` and
+        the state kept for it, i.e. its options. A later call with equal settings replays the steps captured
+        before. None, the default: they are captured anew in each call."""
+        return None
+
+    def kept_state(self) -> Kept:
+        """``kept``; for a drafter run outside ``generate`` (by hand, or inside another drafter), a ``Kept`` of
+        its own, made on first use."""
+        if self.kept is None:
+            self.kept = Kept(self.owner)
+        return self.kept
 
     def check(self, target) -> None:
         pass
@@ -49,21 +71,5 @@ class Drafter:
     def propose(self, seqs: Sequences) -> Tree:
         raise NotImplementedError
 
-    def graph_key(self) -> tuple | None:
-        """For a drafter with ``fixed_nodes``, asked after ``begin``: what its captured ``propose`` depends on,
-        its settings and ``graphs.addresses`` of every tensor it reads or writes. A later call whose key is
-        equal replays the steps captured before (their buffers must then still be where they were: keep
-        per-call state across calls, as ``cache.kept_cache`` does). None, the default: capture anew each call."""
-        return None
-
-    def kept_cache(self, owner, seqs: Sequences):
-        """``cache.kept_cache(owner, seqs)``, given back when this call ends (``end``)."""
-        taken = caches.kept_cache(owner, seqs)
-        self._taken = (*getattr(self, "_taken", ()), taken)
-        return taken
-
     def end(self) -> None:
-        """Release per-call state (caches) once the call ends, normally or not; overrides call this too."""
-        for taken in getattr(self, "_taken", ()):
-            caches.put_back(taken)
-        self._taken = ()
+        """Release per-call state once the call ends, normally or not."""

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from ..forward import Prefix, check_model, extend_chains, forward_nodes, prefill
-from ..graphs import addresses
+from ..forward import Prefix, check_model, extend_chains, forward_nodes, prefill, unwrap
 from ..sampling import Sampling
 from ..sequences import Sequences
 from ..tree import Tree
 from .base import Drafter, require_positive
+from .levels import Levels, catch_up
 
 
 class DraftModel(Drafter):
@@ -24,12 +26,15 @@ class DraftModel(Drafter):
     held at (the sequence limit) and are dropped after each step, and the accepted ones re-enter with the
     next step's first forward pass, as wide as the most tokens a row can have accepted. So nothing needs
     rolling back, that pass costs about what a one-token pass would, and nothing is measured on the host:
-    ``propose`` is device work alone (``Drafter.fixed_nodes``), captured with verification on a GPU. The
-    cache is the one ``model`` kept from its last call (``Drafter.kept_cache``), so steps captured then replay.
+    ``propose`` is device work alone (``Drafter.drafts_in_step``), captured with verification on a GPU. The
+    cache is the session's (``Drafter.kept``), so steps captured in an earlier call replay.
     """
+
+    drafts_in_step = True
 
     def __init__(self, model, num_draft_tokens: int = 5, tree_width: int = 1):
         require_positive(num_draft_tokens=num_draft_tokens, tree_width=tree_width)
+        model = unwrap(model)
         check_model(model, "assistant_model")
         self.model = model
         self.num_draft_tokens = num_draft_tokens
@@ -59,45 +64,45 @@ class DraftModel(Drafter):
                 f"move both to the same device."
             )
 
+    @property
+    def owner(self):
+        return self.model
+
+    def settings(self) -> tuple:
+        return self.num_draft_tokens, self.tree_width
+
     def begin(self, target, seqs: Sequences, sampling: Sampling) -> None:
         super().begin(target, seqs, sampling)
-        self.cache = self.kept_cache(self.model, seqs)
+        self.cache = self.kept_state().tree_cache(seqs)
         width = seqs.prompt_length
         self.forwards += prefill(self.model, self.cache, seqs.tokens[:, : width - 1], seqs.start)[0]
         self.cache.ends.fill_(width - 1)  # the draft's cached tokens end there
         self.cache.hold(seqs.limit)
 
-    def graph_key(self) -> tuple:
-        return "draft model", self.num_draft_tokens, self.tree_width, addresses(self.model, self.cache.tensors())
-
     def _probs(self, logits, seqs: Sequences, depth) -> torch.Tensor:
         # Greedy drafting still needs the draft's full distribution to rank its top-k children.
         return self.sampling.probs(logits, seqs.generated[:, None] + depth, seqs.end[:, None] + depth)
 
+    def _forward(self, fn, *args):
+        return fn(self.model, self.cache, *args)
+
     @torch.no_grad()
     def propose(self, seqs: Sequences) -> Tree:
         batch, dev, w = seqs.end.shape[0], seqs.end.device, self.tree_width
-        rows = torch.arange(batch, device=dev)
-
         # Catch up on the tokens accepted since the last step (the root included): a whole path of the last
         # tree and its bonus token at most (2 tokens after the prompt), none once a row has finished.
-        cached_end = self.cache.ends
-        count = seqs.end - cached_end
-        new = torch.arange(self.num_draft_tokens + 1, device=dev)
-        cols = (cached_end[:, None] + new).clamp(max=seqs.tokens.shape[1] - 1)
-        logits = extend_chains(self.model, self.cache, seqs.tokens.gather(1, cols), count,
-                               Prefix(seqs.start, cached_end))
-        cached_end.copy_(seqs.end)
-
-        root_probs = self._probs(logits[rows, count - 1][:, None], seqs, 0)  # (B, 1, V)
+        last_col = seqs.tokens.shape[1] - 1
+        logits, last = catch_up(functools.partial(self._forward, extend_chains), self.cache, seqs.start, seqs.end,
+                                self.num_draft_tokens + 1, lambda cols: seqs.tokens.gather(1, cols.clamp(max=last_col)))
+        frontier_probs = self._probs(logits.gather(1, last[..., None].expand(-1, -1, logits.shape[-1])), seqs, 0)
         tokens = [seqs.last[:, None]]
         parents = [torch.full((batch, 1), -1, device=dev)]
-        probs = [torch.zeros_like(root_probs)]
+        probs = [torch.zeros_like(frontier_probs)]
         logp = [torch.zeros(batch, 1, device=dev)]
         frontier = torch.zeros(batch, 1, dtype=torch.long, device=dev)  # nodes to expand, by index
-        frontier_probs = root_probs
-        fed = []  # per level, the node indices fed to the draft, in cache order after the held length
-        root_pos = (seqs.end - 1 - seqs.start)[:, None]
+        levels = Levels(functools.partial(self._forward, forward_nodes), self.cache, Prefix(seqs.start, seqs.end),
+                        (seqs.end - 1 - seqs.start)[:, None])
+        fed_parents = None  # the fed nodes' parents among the level fed before them (None: the root)
         n_nodes = 1
         for level in range(1, self.num_draft_tokens + 1):
             kids = self.sampling.children(frontier_probs, w)  # (B, F, w)
@@ -108,27 +113,14 @@ class DraftModel(Drafter):
             parents.append(frontier[..., None].expand(-1, -1, w).reshape(batch, k))
             probs.append(frontier_probs[:, :, None].expand(-1, -1, w, -1).reshape(batch, k, -1))
             logp.append(kid_logp.reshape(batch, k))
-            level_ids = n_nodes + torch.arange(k, device=dev)
-            n_nodes += k
             if level == self.num_draft_tokens:
                 break
             # Expand the `w` most probable new nodes next.
             best = logp[-1].topk(min(w, k), dim=-1).indices
-            frontier = level_ids[best]
-            tree = Tree(torch.cat(tokens, 1), torch.cat(parents, 1), torch.ones(batch, n_nodes, dtype=torch.bool, device=dev))
-            fed.append(frontier)
-            fed_ids = torch.cat(fed, 1)
-            fed_depth = torch.cat([torch.full_like(ids, d) for d, ids in enumerate(fed, start=1)], 1)
-            visible = tree.ancestors[rows[:, None], frontier].gather(
-                2, fed_ids[:, None, :].expand(-1, frontier.shape[1], -1))
-            # Every frontier node sits at depth `level`: one position per row, no per-node gather.
-            with self.cache.held_past(fed_ids.shape[1] - frontier.shape[1]):
-                logits = forward_nodes(
-                    self.model, self.cache, tree.tokens.gather(1, frontier), (root_pos + level).expand_as(frontier),
-                    Prefix(seqs.start, seqs.end), visible, root_pos + fed_depth,
-                )
-            frontier_probs = self._probs(logits, seqs, level)
-
+            frontier = n_nodes + best
+            n_nodes += k
+            frontier_probs = self._probs(levels.feed(tokens[-1].gather(1, best), fed_parents), seqs, level)
+            fed_parents = best // w
         return Tree.drafted(torch.cat(tokens, 1), torch.cat(parents, 1), seqs.finished,
                             torch.cat(probs, 1) if self.sampling.do_sample else None,
                             max_depth=self.num_draft_tokens, max_children=w)

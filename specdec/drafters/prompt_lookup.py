@@ -23,6 +23,8 @@ class PromptLookup(Drafter):
     runs; the drafts are deterministic, so sampling stays lossless through point-mass proposals.
     """
 
+    drafts_in_step = True
+
     def __init__(self, num_draft_tokens: int = 10, max_ngram: int = 3, min_ngram: int = 1, tree_width: int = 1):
         require_positive(num_draft_tokens=num_draft_tokens, max_ngram=max_ngram, min_ngram=min_ngram, tree_width=tree_width)
         if min_ngram > max_ngram:
@@ -35,8 +37,8 @@ class PromptLookup(Drafter):
     def fixed_nodes(self) -> int:
         return 1 + self.tree_width * self.num_draft_tokens
 
-    def graph_key(self) -> tuple:
-        return "prompt lookup", self.num_draft_tokens, self.max_ngram, self.min_ngram, self.tree_width
+    def settings(self) -> tuple:
+        return self.num_draft_tokens, self.max_ngram, self.min_ngram, self.tree_width
 
     def propose(self, seqs: Sequences) -> Tree:
         keys = match_keys(seqs.tokens, seqs.start, seqs.end, self.min_ngram, self.max_ngram, self.num_draft_tokens)
