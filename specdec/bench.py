@@ -15,8 +15,10 @@ Speedups compare what a user could run instead, measured in the same process:
 Each strategy's tokens/s is reported against the fastest non-speculative baseline of the same mode and batch
 size (eager ``generate``, the static cache, gpt-fast plain), and against our own no-drafter path, so that what
 speculation itself buys is visible. τ is new tokens per target forward pass per row (plain decoding scores
-about 1): counted by a hook on the target for assisted generation, by the loop's own counters for ours (which
-also see the passes replayed from a CUDA graph) and by gpt-fast's acceptance counts for gpt-fast.
+1): counted by a hook on the target for assisted generation (batch 1), by gpt-fast's acceptance counts for
+gpt-fast (batch 1), and for ours by the loop's own counters (which also see the passes replayed from a CUDA
+graph) as ``Stats.tau`` does: per verification step, over the rows still generating, so that rows of a batch
+that finished early do not pull it below 1.
 
 Rows stop at eos; gpt-fast does not, so its tokens are all it generated and its text is compared up to the
 reference's length. *GPU busy* is kernel time from the profiler over the wall time of one more call of the
@@ -58,7 +60,8 @@ class Strategy:
     name: str
     family: str  # REFERENCE, BASELINE, ASSISTED, PEER or OURS
     # (input_ids (B, P), attention_mask (B, P), **generation kwargs) -> (sequences (B, P + N), counts or None):
-    # counts = {"forwards": target passes, "drafted": drafted tokens, "accepted": accepted drafted tokens}.
+    # counts = {"forwards": target passes, "drafted": drafted tokens, "accepted": accepted drafted tokens,
+    # and for ours "row_steps": verification steps summed over the rows still generating at each}.
     run: object
     # Compiles: it warms up on every batch, so the timed calls measure the compiled code.
     compiles: bool = False
@@ -129,7 +132,7 @@ def _ours(target, drafter, **options):
                        **options, **kw)
         s = res.stats
         return res.sequences, {"forwards": s.target_forwards, "drafted": s.drafted_tokens,
-                               "accepted": s.accepted_tokens}
+                               "accepted": s.accepted_tokens, "row_steps": s.row_steps}
     return run
 
 
@@ -304,7 +307,7 @@ def _cell(models: Models, strategy: Strategy, batches: list[dict], kwargs: dict,
     compiled_before = _graphs_compiled()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    tokens, seconds, passes, row_passes, drafted, accepted, rows, outputs = 0, 0.0, 0, 0, 0, 0, 0, []
+    tokens, seconds, passes, row_passes, tau_tokens, drafted, accepted, rows, outputs = 0, 0.0, 0, 0, 0, 0, 0, 0, []
     for n, x in enumerate(batches):
         times = []
         for _ in range(repeats):
@@ -319,7 +322,9 @@ def _cell(models: Models, strategy: Strategy, batches: list[dict], kwargs: dict,
         rows += len(new)
         if counts is not None:
             passes += counts["forwards"]
-            row_passes += counts["forwards"] * len(new)
+            # Ours counts the rows still generating at each step; a pass per row is the most others can say.
+            row_passes += counts.get("row_steps", counts["forwards"] * len(new))
+            tau_tokens += counts["accepted"] + counts["row_steps"] if "row_steps" in counts else sum(map(len, new))
             drafted += counts["drafted"]
             accepted += counts["accepted"]
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -329,7 +334,7 @@ def _cell(models: Models, strategy: Strategy, batches: list[dict], kwargs: dict,
     busy = gpu_busy_seconds(lambda: strategy.run(first["input_ids"], first["attention_mask"], **kwargs), device)
     return {
         "rows": rows, "tokens": tokens, "seconds": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 2),
-        "target_forwards": passes or None, "tau": round(tokens / row_passes, 3) if row_passes else 1.0,
+        "target_forwards": passes or None, "tau": round(tau_tokens / row_passes, 3) if row_passes else 1.0,
         "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
         "peak_gb": None if peak is None else round(peak, 2),
         "gpu_busy": None if busy is None else round(min(busy / (seconds / len(batches)), 1.0), 3),

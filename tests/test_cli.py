@@ -59,6 +59,14 @@ def test_bench_speedups_are_against_the_fastest_baseline_and_our_no_drafter_path
     assert summary["best_ours"] == "specdec: prompt lookup" and summary["x_no_drafter"] == lookup["x_no_drafter"]
 
 
+def eos_early(models) -> int:
+    """A token that ends some of the 4 prompts' greedy completions within 24 tokens, and not all at once."""
+    x = models.tokenizer(models.prompts(4), return_tensors="pt", padding=True)
+    out = models.target.generate(**x, do_sample=False, max_new_tokens=24)[:, x["input_ids"].shape[1]:]
+    first = [{t: i for i, t in reversed(list(enumerate(row)))} for row in out.tolist()]
+    return next(t for t in first[0] if len({f.get(t, 99) for f in first}) > 1)
+
+
 def test_bench_batches_ragged_prompts_and_leaves_batch_one_strategies_out(models):
     """Rows of different lengths share a batch, each row is checked against eager generate's, and transformers'
     assisted generation (batch 1 only) is left out of batch 2."""
@@ -72,6 +80,17 @@ def test_bench_batches_ragged_prompts_and_leaves_batch_one_strategies_out(models
     assert len(record["completions"]["greedy, batch 2: specdec: eagle"]) == 4
     with pytest.raises(ValueError, match="batch_sizes"):
         bench.measure(models, models.prompts(2), batch_sizes=(4,), progress=False)
+
+
+def test_bench_tau_counts_the_rows_still_generating(models, monkeypatch):
+    """Our loop with no drafter gains one token per step per row: rows of a batch that stopped early at eos
+    pulled its τ below 1 (0.38 at batch 4 on the GPU)."""
+    monkeypatch.setattr(models.target.generation_config, "eos_token_id", eos_early(models))
+    record = bench.measure(models, models.prompts(4), modes=("greedy",), batch_sizes=(4,), calls=1,
+                           max_new_tokens=24, progress=False, only=[])
+    rows = {r["strategy"]: r for r in record["results"]}
+    assert rows[bench.NO_DRAFTER]["tokens"] < 4 * 24  # some rows did stop early
+    assert rows[bench.NO_DRAFTER]["tau"] == 1.0
 
 
 def test_agreement_is_the_share_of_reference_tokens_before_rows_part():
