@@ -318,13 +318,14 @@ def _cell(models: Models, strategy: Strategy, batches: list[dict], kwargs: dict,
         seconds += statistics.median(times)
         new = _new_tokens(sequences, x["input_ids"].shape[1], stops, kwargs["pad_token_id"])
         outputs += new
-        tokens += sum(map(len, new))
+        count = sum(map(len, new))
+        tokens += count
         rows += len(new)
         if counts is not None:
             passes += counts["forwards"]
             # Ours counts the rows still generating at each step; a pass per row is the most others can say.
             row_passes += counts.get("row_steps", counts["forwards"] * len(new))
-            tau_tokens += counts["accepted"] + counts["row_steps"] if "row_steps" in counts else sum(map(len, new))
+            tau_tokens += counts["accepted"] + counts["row_steps"] if "row_steps" in counts else count
             drafted += counts["drafted"]
             accepted += counts["accepted"]
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None

@@ -43,17 +43,13 @@ def layer_windows(config) -> dict[str, int | None] | int | None:
     return {kind: (window if kind == "sliding_attention" else None) for kind in set(layer_types)}
 
 
-def unwrap(model):
-    """The transformers model behind a PEFT model (its adapters injected in place): what its ``generate`` runs."""
-    if type(model).__name__.startswith("PeftModel") and hasattr(model, "get_base_model"):
-        return model.get_base_model()
-    return model
-
-
-def check_model(model, argument: str) -> None:
-    """Refuse, before anything runs, a model this engine cannot drive exactly."""
+def check_model(model, argument: str):
+    """The transformers model to drive for ``model`` (a PEFT model's, its adapters injected in place: what its
+    ``generate`` runs); refuse, before anything runs, one this engine cannot drive exactly."""
     from transformers import PreTrainedModel
 
+    if type(model).__name__.startswith("PeftModel") and hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     config = getattr(model, "config", None)
     if (
         not isinstance(model, PreTrainedModel)
@@ -76,6 +72,7 @@ def check_model(model, argument: str) -> None:
             f"`{argument}` has layer types {sorted(layer_types - set(SUPPORTED_LAYER_TYPES))}; speculative "
             f"decoding supports {SUPPORTED_LAYER_TYPES} (recurrent and chunked layers cannot be rolled back)."
         )
+    return model
 
 
 @dataclass

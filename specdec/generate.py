@@ -21,7 +21,7 @@ from . import session as sessions
 from .drafters.base import Drafter, require_positive
 from .drafters.draft_model import DraftModel
 from .drafters.prompt_lookup import PromptLookup
-from .forward import check_model, prefill, unwrap
+from .forward import check_model, prefill
 from .graphs import StepGraphs
 from .output import SpeculativeOutput, Stats
 from .sampling import Sampling
@@ -268,18 +268,17 @@ class _Call:
             drafted = ("none",)
         elif not drafter.drafts_in_step:
             drafted = ("input",)
-        elif drafter.settings() is None:
+        elif (settings := drafter.settings()) is None:
             return None
         else:
-            drafted = (type(drafter), drafter.kept, drafter.settings())
+            drafted = (type(drafter), drafter.kept, settings)
         return drafted, self.sampling, self.compile, self.want_features
 
 
 def _resolve(model, input_ids, attention_mask, drafter, assistant_model, prompt_lookup_num_tokens,
              generation_config, streamer, past_key_values, fast_path, compile, fuse_projections, kwargs,
              both_caches: bool) -> _Call:
-    model = unwrap(model)
-    check_model(model, "model")
+    model = check_model(model, "model")
     if both_caches:  # `cache` is transformers 5.40's name for past_key_values
         raise ValueError("Pass the prompt's cache as `cache` or as `past_key_values`, not both.")
     drafter = _resolve_drafter(drafter, assistant_model, prompt_lookup_num_tokens)
@@ -420,10 +419,10 @@ class SpeculativeModel:
     """``wrap(model, drafter)``: behaves as ``model``, but its ``generate`` speculates."""
 
     def __init__(self, model, drafter: Drafter | None = None):
-        check_model(unwrap(model), "model")
+        checked = check_model(model, "model")
         drafter = _resolve_drafter(drafter, None, None)
         if drafter is not None:
-            drafter.check(unwrap(model))
+            drafter.check(checked)
         self.model = model
         self.drafter = drafter
 

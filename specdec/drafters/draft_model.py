@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from ..forward import Prefix, check_model, extend_chains, forward_nodes, prefill, unwrap
+from ..forward import Prefix, check_model, extend_chains, forward_nodes, prefill
 from ..sampling import Sampling
 from ..sequences import Sequences
 from ..tree import Tree
@@ -34,8 +34,7 @@ class DraftModel(Drafter):
 
     def __init__(self, model, num_draft_tokens: int = 5, tree_width: int = 1):
         require_positive(num_draft_tokens=num_draft_tokens, tree_width=tree_width)
-        model = unwrap(model)
-        check_model(model, "assistant_model")
+        model = check_model(model, "assistant_model")
         self.model = model
         self.num_draft_tokens = num_draft_tokens
         self.tree_width = tree_width
