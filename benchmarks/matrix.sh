@@ -6,6 +6,7 @@
 #   setsid nohup bash benchmarks/matrix.sh tables 8b-b1 demo 8b-b1-compiled 8b-batches >/dev/null 2>&1 &
 # MODELS=embedded runs the tables on the pair shipped in the package instead, with no training.
 #   bash benchmarks/matrix.sh smoke                                     # every code path once, small, foreground
+#   setsid nohup bash benchmarks/matrix.sh cuda-tests >/dev/null 2>&1 &  # tests/test_cuda.py, 4 processes at once
 #   bash benchmarks/matrix.sh collect                                   # logs and finished tables to $OUT
 # gpt-fast comes from $PEER (default .peers/gpt-fast: a copy of ../shared/peers/gpt-fast carried with the call).
 set -uo pipefail
@@ -48,6 +49,9 @@ tables() {
       8b-b1-compiled) bench 8b-b1-compiled --shape llama-3-8b --draft-shape llama-3.2-1b --prompts 8 --batch-sizes 1 \
                  --calls 4 --modes greedy --compiled --only "${COMPILED[@]}" ;;
       demo) bench demo --prompts 64 --batch-sizes 1 4 16 64 --calls 2 --only "${OURS[@]}" "${THEIRS[@]}" ;;
+      pair-b1) bench pair-b1 --prompts 8 --batch-sizes 1 --calls 4 --only "${OURS[@]}" ;;
+      8b-b1-sample) bench 8b-b1-sample --shape llama-3-8b --draft-shape llama-3.2-1b --prompts 4 --batch-sizes 1 \
+                 --calls 2 --modes sample --only "${OURS[@]}" "${THEIRS[@]}" ;;
       8b-batches) bench 8b-batches --shape llama-3-8b --draft-shape llama-3.2-1b --prompts 64 --batch-sizes 4 16 64 \
                       --calls 1 --only "${OURS[@]}" ;;
     esac
@@ -62,13 +66,26 @@ smoke() {  # the embedded pair, inflated, every code path once at small sizes: r
       --only "${OURS[@]}" "${THEIRS[@]}" "${COMPILED[@]}" --out "$W/smoke.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$"
 }
 
+cuda-tests() {  # the GPU tests split over 4 processes (small models: the host, not the GPU, is the limit)
+  install tests
+  python3 -m pytest -q --co -p no:cacheprovider -o addopts="" tests/test_cuda.py | grep "::" >"$W/cuda-ids" || exit 1
+  for part in 0 1 2 3; do
+    awk -v p=$part 'NR % 4 == p' "$W/cuda-ids" >"$W/cuda-ids-$part"
+    python3 -m pytest -q -p no:cacheprovider -o addopts="" $(cat "$W/cuda-ids-$part") >"$W/cuda-tests-$part.log" 2>&1 &
+  done
+  wait
+  tail -n 3 "$W"/cuda-tests-*.log >"$W/cuda-tests.log"; grep -h -E "^(FAILED|ERROR)" "$W"/cuda-tests-*.log >>"$W/cuda-tests.log"
+  touch "$W/cuda-tests-done"
+}
+
 collect() {
   mkdir -p "$OUT"
-  for f in train.log bench.log; do [ -f "$W/$f" ] && tr '\r' '\n' <"$W/$f" | grep -v '^ *$' | tail -c 2000000 >"$OUT/$f"; done
+  for f in train.log bench.log cuda-tests.log; do [ -f "$W/$f" ] && tr '\r' '\n' <"$W/$f" | grep -v '^ *$' | tail -c 2000000 >"$OUT/$f"; done
   for f in "$W"/*.json; do [ -f "$f" ] && cp "$f" "$OUT/"; done  # at most 8 files come back: no .md
   [ -f "$W/gpu/recipe.json" ] && cp "$W/gpu/recipe.json" "$OUT/recipe-gpu.json"
-  for f in trained tables-done; do [ -f "$W/$f" ] && echo "$f"; done
+  for f in trained cuda-tests-done tables-done; do [ -f "$W/$f" ] && echo "$f"; done
   [ -f "$OUT/train.log" ] && tail -n 3 "$OUT/train.log"
+  [ -f "$OUT/cuda-tests.log" ] && cat "$OUT/cuda-tests.log"
   [ -f "$OUT/bench.log" ] && grep -E "^==|our fastest|Error|error" "$OUT/bench.log" | tail -n 30
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null
 }
