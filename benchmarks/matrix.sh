@@ -54,6 +54,10 @@ tables() {
                  --calls 2 --modes sample --only "${OURS[@]}" "${THEIRS[@]}" ;;
       8b-b64-greedy) bench 8b-b64-greedy --shape llama-3-8b --draft-shape llama-3.2-1b --prompts 64 --batch-sizes 64 \
                  --calls 1 --modes greedy --only "${OURS[@]}" ;;
+      8b-b4-b16) bench 8b-b4-b16 --shape llama-3-8b --draft-shape llama-3.2-1b --prompts 64 --batch-sizes 4 16 \
+                      --calls 1 --only "${OURS[@]}" ;;
+      8b-b64-sample) bench 8b-b64-sample --shape llama-3-8b --draft-shape llama-3.2-1b --prompts 64 --batch-sizes 64 \
+                 --calls 1 --modes sample --only "${OURS[@]}" ;;
       8b-batches) bench 8b-batches --shape llama-3-8b --draft-shape llama-3.2-1b --prompts 64 --batch-sizes 4 16 64 \
                       --calls 1 --only "${OURS[@]}" ;;
     esac
