@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from specdec.kernels import launch
+
 
 @triton.jit(do_not_specialize=["stride_src_b"])
 def _compact(
@@ -56,8 +58,8 @@ def compact(table: torch.Tensor, k: torch.Tensor, v: torch.Tensor, src: torch.Te
     if k.stride(-1) != 1 or v.stride(-1) != 1 or v.shape != k.shape or v.dtype != k.dtype:
         raise ValueError("compact: `k` and `v` must have one shape and dtype, contiguous in their last dimension.")
     row_bytes = head_dim * size
-    _compact[(table.shape[0] * batch * heads,)](
-        table, src, dest, keep,
+    launch(
+        _compact, (table.shape[0] * batch * heads,), table, src, dest, keep,
         *(s * size for s in k.stride()[:3]), *(s * size for s in v.stride()[:3]), src.stride(0), heads, batch,
         ROW_BYTES=row_bytes, BLOCK=max(16, triton.next_power_of_2(row_bytes)),
     )

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from specdec.kernels import launch
+
 LOG2E = 1.4426950408889634
 
 
@@ -259,7 +261,8 @@ def tree_attention(
         if x.stride(-1) != 1:
             raise ValueError(f"tree_attention: `{name}` must be contiguous in its last dimension.")
 
-    _tree_attention_partial[(m_blocks, n_prefix + 1, batch * hkv)](
+    launch(
+        _tree_attention_partial, (m_blocks, n_prefix + 1, batch * hkv),
         q, k, v, start, end, q_pos, region_pos, bits, acc, m, s,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), q_pos.stride(0), region_pos.stride(0), bits.stride(0), bits.stride(1),
@@ -267,7 +270,8 @@ def tree_attention(
         GROUP=group, HEAD_DIM=head_dim, WINDOW=window is not None, SOFTCAP=softcap is not None,
         PRECISION=precision, **config,
     )
-    _tree_attention_merge[(batch * hkv, group * t)](
+    launch(
+        _tree_attention_merge, (batch * hkv, group * t),
         acc, m, s, out, out.stride(0), out.stride(1), out.stride(2), t, n_prefix + 1, hkv,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=config["BLOCK_D"], BLOCK_S=16,
     )
