@@ -52,6 +52,8 @@ tables() {
       pair-b1) bench pair-b1 --prompts 8 --batch-sizes 1 --calls 4 --only "${OURS[@]}" ;;
       8b-b1-sample) bench 8b-b1-sample --shape llama-3-8b --draft-shape llama-3.2-1b --prompts 4 --batch-sizes 1 \
                  --calls 2 --modes sample --only "${OURS[@]}" "${THEIRS[@]}" ;;
+      8b-b1-sample-heads) bench 8b-b1-sample-heads --shape llama-3-8b --draft-shape llama-3.2-1b --prompts 4 \
+                 --batch-sizes 1 --calls 2 --modes sample --only "specdec: prompt lookup" "specdec: medusa" "specdec: eagle" ;;
       8b-b64-greedy) bench 8b-b64-greedy --shape llama-3-8b --draft-shape llama-3.2-1b --prompts 64 --batch-sizes 64 \
                  --calls 1 --modes greedy --only "${OURS[@]}" ;;
       8b-b4-b16) bench 8b-b4-b16 --shape llama-3-8b --draft-shape llama-3.2-1b --prompts 64 --batch-sizes 4 16 \
