@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+from triton.runtime.interpreter import InterpretedFunction
+
 
 def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)``; under ``TRITON_INTERPRET=1``, from a new thread's empty frame stack.
+    """``kernel[grid](*args, **kwargs)``; under ``TRITON_INTERPRET=1`` from a new thread, at a shallow depth.
 
-    CPython 3.11+ keeps Python frames in 16 KiB chunks and frees a chunk whenever the call that opened it
-    returns. The interpreter runs millions of small calls per launch; begun at an unlucky stack depth (inside
-    pytest, say), one of them opens a chunk each time, and the mmap, munmap and page faults it pays made a
-    launch 2-3x slower, mostly in system time. A fresh thread starts every launch at the same shallow depth,
-    whoever calls it."""
-    if type(kernel).__name__ != "InterpretedFunction":
+    CPython 3.11+ keeps frames in 16 KiB chunks and, until python/cpython#142183 (3.13 and 3.14 point
+    releases), frees a chunk as soon as the call that opened it returns. The interpreter makes millions of
+    small calls per launch: begun at an unlucky depth (under pytest, for one) one of them opened a chunk each
+    time, and its mmap, munmap and page fault made the launch 2-3x slower, half of it system time. A new
+    thread starts every launch on an empty stack, the same whoever calls it."""
+    if not isinstance(kernel, InterpretedFunction):
         kernel[grid](*args, **kwargs)
         return
     with ThreadPoolExecutor(1) as thread:

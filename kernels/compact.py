@@ -59,7 +59,8 @@ def compact(table: torch.Tensor, k: torch.Tensor, v: torch.Tensor, src: torch.Te
         raise ValueError("compact: `k` and `v` must have one shape and dtype, contiguous in their last dimension.")
     row_bytes = head_dim * size
     launch(
-        _compact, (table.shape[0] * batch * heads,), table, src, dest, keep,
+        _compact, (table.shape[0] * batch * heads,),
+        table, src, dest, keep,
         *(s * size for s in k.stride()[:3]), *(s * size for s in v.stride()[:3]), src.stride(0), heads, batch,
         ROW_BYTES=row_bytes, BLOCK=max(16, triton.next_power_of_2(row_bytes)),
     )

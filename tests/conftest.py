@@ -9,7 +9,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).parent))
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 
 GPT_FAST = Path(__file__).resolve().parents[2] / "shared" / "peers" / "gpt-fast"
