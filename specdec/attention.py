@@ -43,7 +43,11 @@ def backend(name: str):
 
 
 def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    """The widest attention head of any layer (a per-layer config, as Gemma 4's, sizes them by layer)."""
+    try:
+        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    except RuntimeError:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        return max(head_dim(config.per_layer_config[i]) for i in range(config.num_hidden_layers))
 
 
 @functools.cache

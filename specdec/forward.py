@@ -19,7 +19,20 @@ import torch
 from . import attention
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
-SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "moe")  # "moe": an MLP-only layer (Nemotron-H)
+# What the layer kinds transformers names are, for a refusal: a state a rejected draft cannot be rolled back
+# out of, or keys a tree cannot be masked through.
+LAYER_KINDS = {
+    "linear_attention": "linear-attention or state-space layers (a recurrent state, updated in place)",
+    "mamba": "Mamba state-space layers (a recurrent state, updated in place)",
+    "conv": "short-convolution layers (a rolling convolution state)",
+    "hybrid": "hybrid layers (attention beside a recurrent branch)",
+    "hybrid_sliding": "hybrid sliding-window layers (attention beside a recurrent branch)",
+    "chunked_attention": "chunked-attention layers (each token sees only its chunk, by cache column)",
+    "indexed_attention": "indexed sparse-attention layers (a learned indexer picks each token's keys)",
+    "compressed_sparse_attention": "compressed sparse-attention layers (keys pooled into blocks as they arrive)",
+    "heavily_compressed_attention": "compressed attention layers (keys pooled into blocks as they arrive)",
+}
 
 
 def cache_keyword(model) -> str:
@@ -66,13 +79,36 @@ def check_model(model, argument: str):
             f"`{argument}` uses attn_implementation={impl!r}, which cannot take a tree attention mask; "
             f"load it with attn_implementation='sdpa' or 'eager'."
         )
-    layer_types = set(getattr(config, "layer_types", None) or ())
-    if not layer_types <= set(SUPPORTED_LAYER_TYPES):
-        raise NotImplementedError(
-            f"`{argument}` has layer types {sorted(layer_types - set(SUPPORTED_LAYER_TYPES))}; speculative "
-            f"decoding supports {SUPPORTED_LAYER_TYPES} (recurrent and chunked layers cannot be rolled back)."
-        )
+    reason = _unsupported(model)
+    if reason is not None:
+        raise NotImplementedError(f"`{argument}` ({type(model).__name__}) {reason}; use its own `generate`.")
     return model
+
+
+def _unsupported(model) -> str | None:
+    """Why this engine cannot drive ``model`` exactly, known from its class and config alone; None if nothing
+    is known against it (``guard.prove`` then checks what it computes)."""
+    config = model.config
+    parameters = inspect.signature(type(model).forward).parameters
+    if "past_key_values" not in parameters and "cache" not in parameters:
+        state = next((name for name in ("cache_params", "state") if name in parameters), None)
+        return "takes no KV cache" + (f": its state is `{state}`, a recurrent state a rejected draft cannot be "
+                                      f"rolled back out of" if state else "")
+    kinds = sorted(set(getattr(config, "layer_types", None) or ()) - set(SUPPORTED_LAYER_TYPES))
+    if kinds:
+        found = "; ".join(LAYER_KINDS.get(kind, f"`{kind}` layers, a kind specdec does not know") for kind in kinds)
+        return f"has {found}: speculative decoding verifies full and sliding-window attention layers only"
+    if config.model_type == "bloom" or getattr(config, "alibi", False) or getattr(
+            getattr(config, "attn_config", None), "alibi", False):
+        return ("adds ALiBi biases, which its code takes from cache columns and a 2D mask rather than from each "
+                "token's position: tree nodes and left-padded rows would get other biases")
+    if "local" in (getattr(config, "attention_layers", None) or ()):
+        return ("has local-attention layers whose window its code applies by cache column, which tree nodes and "
+                "left-padded rows do not follow")
+    for name, what in (("attention_mask", "a tree's mask"), ("position_ids", "tree nodes' positions")):
+        if name not in parameters:
+            return f"takes no `{name}`, so it cannot be given {what}"
+    return None
 
 
 @dataclass

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicCache
 
-from . import features
+from . import features, guard
 from . import session as sessions
 from .drafters.base import Drafter, require_positive
 from .drafters.draft_model import DraftModel
@@ -303,6 +303,7 @@ def _resolve(model, input_ids, attention_mask, drafter, assistant_model, prompt_
         )
     if past_key_values is not None:
         _check_cache(past_key_values, input_ids)
+    guard.prove(model, "model")
     return _Call(model, input_ids, mask, config, sampling, max_new, drafter, streamer, past_key_values, fast_path,
                  compile, fuse_projections)
 

@@ -6,6 +6,7 @@ import functools
 
 import torch
 
+from .. import guard
 from ..forward import Prefix, check_model, extend_chains, forward_nodes, prefill
 from ..sampling import Sampling
 from ..sequences import Sequences
@@ -62,6 +63,7 @@ class DraftModel(Drafter):
                 f"`assistant_model` is on {self.model.device} but the target is on {target.device}; "
                 f"move both to the same device."
             )
+        guard.prove(self.model, "assistant_model")
 
     @property
     def owner(self):
