@@ -91,9 +91,9 @@ def _unsupported(model) -> str | None:
     config = model.config
     parameters = inspect.signature(type(model).forward).parameters
     if "past_key_values" not in parameters and "cache" not in parameters:
-        state = next((name for name in ("cache_params", "state") if name in parameters), None)
-        return "takes no KV cache" + (f": its state is `{state}`, a recurrent state a rejected draft cannot be "
-                                      f"rolled back out of" if state else "")
+        state = next((name for name in ("cache_params", "state", "past_buckets_states") if name in parameters), None)
+        return "takes no KV cache" + (f": its state is `{state}`, which a rejected draft cannot be cropped out of"
+                                      if state else "")
     kinds = sorted(set(getattr(config, "layer_types", None) or ()) - set(SUPPORTED_LAYER_TYPES))
     if kinds:
         found = "; ".join(LAYER_KINDS.get(kind, f"`{kind}` layers, a kind specdec does not know") for kind in kinds)
@@ -102,6 +102,9 @@ def _unsupported(model) -> str | None:
             getattr(config, "attn_config", None), "alibi", False):
         return ("adds ALiBi biases, which its code takes from cache columns and a 2D mask rather than from each "
                 "token's position: tree nodes and left-padded rows would get other biases")
+    if getattr(config, "keep_window_size", None):
+        return ("keeps only the top-scoring keys of each query (`keep_window_size`), chosen over cache columns that a "
+                "tree's other branches and padding also occupy, so the choice can differ from its own pass")
     if "local" in (getattr(config, "attention_layers", None) or ()):
         return ("has local-attention layers whose window its code applies by cache column, which tree nodes and "
                 "left-padded rows do not follow")

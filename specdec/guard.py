@@ -9,7 +9,9 @@ call on each model class and configuration runs a probe: two ragged rows prefill
 dynamic path) and once at columns past a gap (the fixed-shape path holds the cache there), each node's
 logits compared with a plain forward over the node's own prefix. A mismatch or an exception refuses the
 model, naming it, before anything is generated. The verdict is kept per class, configuration, dtype,
-device type and attention backend for the life of the process.
+device type and attention backend for the life of the process: it does not see the weights, so a fault that
+shows only with some weights (a tie in a top-k choice of keys) can pass it; such models are refused by rule in
+:func:`specdec.forward.check_model`.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ SMALL = {
     "vocab_size_per_layer_input": VOCAB, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
     "linear_key_head_dim": 8, "linear_value_head_dim": 8, "window_size": 4, "attn_layer_period": 2,
     "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1, "attn_layer_indices": [1],
+    "keep_window_size": 4,
 }
 # What one type needs besides: a validator that the values above do not satisfy.
 TWEAKS = {
@@ -42,6 +43,7 @@ TWEAKS = {
     "dots3_note_text": {"num_key_value_heads": 4},
     "gemma4_assistant": {"hidden_size_per_layer_input": 0},
     "zaya": {"num_experts_per_tok": 1},
+    "reformer": {"is_decoder": True, "axial_pos_shape": [16, 16], "axial_pos_embds_dim": [16, 16]},
 }
 # Per-layer lists: cut to the model's layers.
 LAYER_LISTS = ("layer_types", "mlp_layer_types", "layers_block_type", "block_types", "attention_layers")

@@ -76,3 +76,10 @@ def test_a_config_with_per_layer_head_sizes_runs_exactly():
     out = specdec.generate(model, ids, attention_mask=mask, assistant_model=perturbed(model, scale=0.01),
                            max_new_tokens=NEW_TOKENS)
     assert [_text(out[row, ids.shape[1]:]) for row in range(3)] == _own_texts(model, ids, mask)
+
+
+def test_a_model_whose_cache_is_not_a_kv_cache_is_refused_naming_it():
+    """Reformer is a causal LM with a masked-LM head too, so the list above leaves it out; its hashed buckets are
+    not a cache a rejected draft can be cropped from."""
+    with pytest.raises(NotImplementedError, match=r"\(ReformerModelWithLMHead\) takes no KV cache: .*past_buckets"):
+        specdec.generate(build("reformer"), torch.tensor([[5, 6, 7]]), max_new_tokens=3)
