@@ -43,6 +43,8 @@ TWEAKS = {
     "dots3_note_text": {"num_key_value_heads": 4},
     "gemma4_assistant": {"hidden_size_per_layer_input": 0},
     "zaya": {"num_experts_per_tok": 1},
+    "gemma3n_text": {"num_kv_shared_layers": 0},
+    "falcon_h1": {"mamba_d_ssm": 64},
     "reformer": {"is_decoder": True, "axial_pos_shape": [16, 16], "axial_pos_embds_dim": [16, 16]},
 }
 # Per-layer lists: cut to the model's layers.
