@@ -97,8 +97,8 @@ def _compare(model) -> str | None:
     return None
 
 
-def _paths(tokens: torch.Tensor) -> list[list[int]]:
-    """Columns of ``tokens`` on each tree node's path, prompt excluded, the node last."""
+def _paths() -> list[list[int]]:
+    """The probe's columns on each tree node's path, prompt excluded, the node last."""
     paths = []
     for node, parent in enumerate(PARENTS):
         paths.append((paths[parent] if parent >= 0 else []) + [PROMPT + node])
@@ -112,7 +112,7 @@ def _plain(model, tokens: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
     for b in range(tokens.shape[0]):
         prompt = tokens[b, int(start[b]) : PROMPT].tolist()
         found = [model(input_ids=torch.tensor([prompt], device=tokens.device), use_cache=False).logits[0, -1]]
-        for path in _paths(tokens):
+        for path in _paths():
             ids = prompt + tokens[b, path].tolist()
             found.append(model(input_ids=torch.tensor([ids], device=tokens.device), use_cache=False).logits[0, -1])
         rows.append(torch.stack(found))
@@ -128,7 +128,7 @@ def _ours(model, tokens: torch.Tensor, start: torch.Tensor, gap: int) -> torch.T
         cache.hold(PROMPT + gap)
     nodes = len(PARENTS)
     visible = torch.zeros(nodes, nodes, dtype=torch.bool, device=tokens.device)
-    for node, path in enumerate(_paths(tokens)):
+    for node, path in enumerate(_paths()):
         visible[node, [column - PROMPT for column in path]] = True
     depth = torch.tensor(DEPTHS, device=tokens.device)
     positions = (PROMPT - start)[:, None] + depth[None, :]
