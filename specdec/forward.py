@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from . import attention
+from .tree import Tree
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "moe")  # "moe": an MLP-only layer (Nemotron-H)
@@ -38,12 +39,14 @@ LAYER_KINDS = {
 def cache_keyword(model) -> str:
     """The name ``model``'s forward takes its cache under: transformers 5.40 drops ``past_key_values`` for
     ``cache`` (from 5.2x both work, the old one with a warning); earlier versions know only the old one."""
-    return _cache_keyword(type(getattr(model, "_orig_mod", model)))  # a compiled model: the module it wraps
+    return "cache" if "cache" in _forward_parameters(type(getattr(model, "_orig_mod", model))) else "past_key_values"
 
 
 @functools.cache
-def _cache_keyword(model_class) -> str:  # once per class: forward_nodes asks on every pass
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+def _forward_parameters(model_class) -> frozenset[str]:
+    """The names ``model_class.forward`` takes, once per class: forward_nodes asks on every pass (a compiled
+    model is asked about the module it wraps)."""
+    return frozenset(inspect.signature(model_class.forward).parameters)
 
 
 def layer_windows(config) -> dict[str, int | None] | int | None:
@@ -89,7 +92,7 @@ def _unsupported(model) -> str | None:
     """Why this engine cannot drive ``model`` exactly, known from its class and config alone; None if nothing
     is known against it (``guard.prove`` then checks what it computes)."""
     config = model.config
-    parameters = inspect.signature(type(model).forward).parameters
+    parameters = _forward_parameters(type(model))
     if "past_key_values" not in parameters and "cache" not in parameters:
         state = next((name for name in ("cache_params", "state", "past_buckets_states") if name in parameters), None)
         return "takes no KV cache" + (f": its state is `{state}`, which a rejected draft cannot be cropped out of"
@@ -171,6 +174,13 @@ def forward_nodes(
     else:
         attention_mask = mask(windows)
     return model(**inputs, attention_mask=attention_mask).logits
+
+
+def forward_tree(model, cache, tree: Tree, prefix: Prefix) -> torch.Tensor:
+    """Run ``model`` on ``tree`` appended to ``cache``, each row's root at the position after its ``prefix``,
+    every node seeing the prefix and its own ancestors; returns logits (B, N, V)."""
+    positions = (prefix.end - prefix.start)[:, None] + tree.depth
+    return forward_nodes(model, cache, tree.tokens, positions, prefix, tree.ancestors, positions)
 
 
 def prefill(model, cache, tokens: torch.Tensor, start: torch.Tensor, begin: int = 0,

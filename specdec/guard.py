@@ -22,11 +22,10 @@ import torch
 
 from . import attention
 from .cache import TreeCache
-from .forward import Prefix, forward_nodes, prefill
+from .forward import Prefix, forward_tree, prefill
+from .tree import Tree
 
-# Tree of the probe: parent of each node (-1: the root, which follows the prompt) and its depth.
-PARENTS = (-1, 0, 0, 1)
-DEPTHS = (0, 1, 1, 2)
+PARENTS = (-1, 0, 0, 1)  # the probe's tree: a root after the prompt, two children, a grandchild under the first
 PROMPT = 6  # columns of the probe's prompt; the second row is left-padded by PAD
 PAD = 2
 GAP = 3  # columns between the prompt and the tree in the held probe
@@ -84,11 +83,13 @@ def _compare(model) -> str | None:
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(min(vocab, 1000), (2, PROMPT + len(PARENTS)), generator=generator).to(device)
     start = torch.tensor([0, PAD], device=device)
-    expected = _plain(model, tokens, start)
+    tree = Tree(tokens=tokens[:, PROMPT:], parents=torch.tensor(PARENTS, device=device).expand(2, -1),
+                valid=torch.ones_like(tokens[:, PROMPT:], dtype=torch.bool))
+    expected = _plain(model, tokens[:, :PROMPT], start, tree)
+    tolerance = TOLERANCE.get(model.dtype, LOW_PRECISION_TOLERANCE)
     for gap in (0, GAP):
-        got = _ours(model, tokens, start, gap)
+        got = _ours(model, tokens[:, :PROMPT], start, tree, gap)
         error = ((got - expected).abs().amax() / expected.abs().amax().clamp_min(1e-6)).item()
-        tolerance = TOLERANCE.get(model.dtype, LOW_PRECISION_TOLERANCE)
         if not error <= tolerance:
             where = "right after the prompt" if gap == 0 else f"{gap} columns past the prompt (a held cache)"
             return (f"with a tree written {where}, its logits differ from its own forward's by {error:.2g} of "
@@ -97,42 +98,23 @@ def _compare(model) -> str | None:
     return None
 
 
-def _paths() -> list[list[int]]:
-    """The probe's columns on each tree node's path, prompt excluded, the node last."""
-    paths = []
-    for node, parent in enumerate(PARENTS):
-        paths.append((paths[parent] if parent >= 0 else []) + [PROMPT + node])
-    return paths
-
-
-def _plain(model, tokens: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-    """(B, 1 + nodes, V): the model's own logits, with no cache and no padding, after each row's prompt and
-    after each node's path."""
+def _plain(model, prompt: torch.Tensor, start: torch.Tensor, tree: Tree) -> torch.Tensor:
+    """(B, 1 + N, V): the model's own logits, with no cache and no padding, after each row's prompt and after
+    each tree node's path (its ancestors, in index order, then itself)."""
     rows = []
-    for b in range(tokens.shape[0]):
-        prompt = tokens[b, int(start[b]) : PROMPT].tolist()
-        found = [model(input_ids=torch.tensor([prompt], device=tokens.device), use_cache=False).logits[0, -1]]
-        for path in _paths():
-            ids = prompt + tokens[b, path].tolist()
-            found.append(model(input_ids=torch.tensor([ids], device=tokens.device), use_cache=False).logits[0, -1])
-        rows.append(torch.stack(found))
+    for b in range(prompt.shape[0]):
+        sequences = [prompt[b, int(start[b]):]] + [torch.cat([prompt[b, int(start[b]):], tree.tokens[b][path]])
+                                                     for path in tree.ancestors[b]]
+        rows.append(torch.stack([model(input_ids=ids[None], use_cache=False).logits[0, -1] for ids in sequences]))
     return torch.stack(rows).float()
 
 
-def _ours(model, tokens: torch.Tensor, start: torch.Tensor, gap: int) -> torch.Tensor:
-    """(B, 1 + nodes, V): the same logits through :func:`~specdec.forward.prefill` and a tree pass of
-    :func:`~specdec.forward.forward_nodes`, ``gap`` columns past the prompt."""
+def _ours(model, prompt: torch.Tensor, start: torch.Tensor, tree: Tree, gap: int) -> torch.Tensor:
+    """(B, 1 + N, V): the same logits through :func:`~specdec.forward.prefill` and the verifier's tree pass
+    (:func:`~specdec.forward.forward_tree`), ``gap`` columns past the prompt."""
     cache = TreeCache(capacity=PROMPT + gap + len(PARENTS))
-    _, last = prefill(model, cache, tokens[:, :PROMPT], start)
+    _, last = prefill(model, cache, prompt, start)
     if gap:
         cache.hold(PROMPT + gap)
-    nodes = len(PARENTS)
-    visible = torch.zeros(nodes, nodes, dtype=torch.bool, device=tokens.device)
-    for node, path in enumerate(_paths()):
-        visible[node, [column - PROMPT for column in path]] = True
-    depth = torch.tensor(DEPTHS, device=tokens.device)
-    positions = (PROMPT - start)[:, None] + depth[None, :]
-    batch = tokens.shape[0]
-    logits = forward_nodes(model, cache, tokens[:, PROMPT:], positions,
-                           Prefix(start, torch.full_like(start, PROMPT)), visible.expand(batch, -1, -1), positions)
+    logits = forward_tree(model, cache, tree, Prefix(start, torch.full_like(start, PROMPT)))
     return torch.cat([last[:, None], logits], dim=1).float()

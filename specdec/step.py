@@ -13,7 +13,7 @@ import functools
 import torch
 
 from . import features
-from .forward import Prefix, forward_nodes
+from .forward import Prefix, forward_tree
 from .sampling import Sampling
 from .sequences import Sequences
 from .tree import Tree
@@ -72,9 +72,8 @@ def verify_step(model, cache, seqs: Sequences, tree: Tree, sampling: Sampling, c
     """
     cache_len = cache.get_seq_length()
     dest = seqs.end - 1
-    positions = (dest - seqs.start)[:, None] + tree.depth
     with features.capture(model, want_features) as captured:
-        logits = forward_nodes(model, cache, tree.tokens, positions, Prefix(seqs.start, dest), tree.ancestors, positions)
+        logits = forward_tree(model, cache, tree, Prefix(seqs.start, dest))
     path, kept, tokens, count = keep(tree, logits, captured[0] if captured else None, sampling, seqs, counters)
     cache.compact(cache_len + path, dest, kept)
     return tokens, count

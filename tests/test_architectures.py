@@ -8,18 +8,9 @@ import torch
 
 import specdec
 from architectures import build, decoder_only
-from models import EOS, PAD, VOCAB, perturbed
+from models import EOS, perturbed, prompts
 
 NEW_TOKENS = 10
-
-
-def _ragged_prompts():
-    """Three left-padded rows of 8, 5 and 3 tokens."""
-    ids = torch.randint(4, VOCAB, (3, 8), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    for row, pad in enumerate((0, 3, 5)):
-        ids[row, :pad], mask[row, :pad] = PAD, 0
-    return ids, mask
 
 
 def _text(new_tokens: torch.Tensor) -> list[int]:
@@ -44,7 +35,7 @@ def test_exact_or_refused_before_anything_runs(model_type):
         model = build(model_type)
     except Exception as error:
         pytest.skip(f"no tiny {model_type} could be built here: {type(error).__name__}: {error}")
-    ids, mask = _ragged_prompts()
+    ids, mask = prompts(3, 8, seed=8)  # rows of 8, 5 and 3 tokens
     calls = {
         "draft chain": lambda: dict(assistant_model=perturbed(model, scale=0.01)),
         "draft tree, fixed shapes": lambda: dict(
@@ -72,7 +63,7 @@ def test_a_config_with_per_layer_head_sizes_runs_exactly():
     """Gemma 4 sizes attention heads per layer and refuses a global ``config.head_dim``; reading it once made
     every call on it fail in our forward pass."""
     model = build("gemma4_text")
-    ids, mask = _ragged_prompts()
+    ids, mask = prompts(3, 8, seed=8)  # rows of 8, 5 and 3 tokens
     out = specdec.generate(model, ids, attention_mask=mask, assistant_model=perturbed(model, scale=0.01),
                            max_new_tokens=NEW_TOKENS)
     assert [_text(out[row, ids.shape[1]:]) for row in range(3)] == _own_texts(model, ids, mask)
