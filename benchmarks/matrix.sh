@@ -60,6 +60,9 @@ tables() {
                       --calls 1 --only "${OURS[@]}" ;;
       8b-b64-sample) bench 8b-b64-sample --shape llama-3-8b --draft-shape llama-3.2-1b --prompts 64 --batch-sizes 64 \
                  --calls 1 --modes sample --only "${OURS[@]}" ;;
+      gpu-b64) bench gpu-b64 --prompts 64 --batch-sizes 64 --calls 1 --only "${OURS[@]}" ;;
+      gpu-8b-b1-greedy) bench gpu-8b-b1-greedy --shape llama-3-8b --draft-shape llama-3.2-1b --prompts 4 \
+                 --batch-sizes 1 --calls 2 --modes greedy --only "${OURS[@]}" "gpt-fast: speculative" ;;
       8b-batches) bench 8b-batches --shape llama-3-8b --draft-shape llama-3.2-1b --prompts 64 --batch-sizes 4 16 64 \
                       --calls 1 --only "${OURS[@]}" ;;
     esac
