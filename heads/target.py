@@ -25,10 +25,12 @@ def feature_size(target) -> int:
 
 def fingerprint(target) -> dict:
     """What saved heads record of their target. The LM head sample is 64 weights at fixed places, rounded
-    to bf16, so the same model loaded in fp32, fp16 or bf16 matches and any other model does not."""
+    to bf16, so the same model loaded in fp32, fp16 or bf16 matches and any other model does not. The places
+    are float32 steps, as saved heads recorded them; past 2**24 weights the last one rounds beyond the end,
+    hence the clamp."""
     weight = target.get_output_embeddings().weight.detach()
     flat = weight.reshape(-1)
-    places = torch.linspace(0, flat.numel() - 1, 64, device=flat.device).long()
+    places = torch.linspace(0, flat.numel() - 1, 64, device=flat.device).long().clamp_(max=flat.numel() - 1)
     return {
         "architecture": type(target).__name__,
         "hidden_size": feature_size(target),

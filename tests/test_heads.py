@@ -158,6 +158,15 @@ def test_loading_for_another_target_is_refused(tmp_path):
     heads.load(tmp_path, perturbed(model, scale=0.0).to(torch.bfloat16))
 
 
+def test_heads_build_for_a_target_with_more_than_2_to_24_lm_head_weights():
+    """An 8B-shaped target's LM head has 16384 x 4096 weights: the fingerprint's last float32 place rounded
+    past the end and the GPU asserted. 16384 x 2048 rounds over the same way."""
+    model = tiny("llama", vocab_size=16384, hidden_size=2048, intermediate_size=64, num_hidden_layers=1,
+                 num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=True).to(torch.bfloat16)
+    sample = heads.build("medusa", model).target_fingerprint["lm_head_sample"]
+    assert sample[-1] == model.get_output_embeddings().weight[-1, -1].item()
+
+
 def test_drafting_for_another_target_is_refused_before_anything_runs():
     model, other = tiny("llama"), tiny("llama", seed=7)
     drafter = heads.Medusa(heads.MedusaHeads(model))
