@@ -111,6 +111,11 @@ def _unsupported(model) -> str | None:
     if "local" in (getattr(config, "attention_layers", None) or ()):
         return ("has local-attention layers whose window its code applies by cache column, which tree nodes and "
                 "left-padded rows do not follow")
+    try:
+        attention.head_dim(config)
+    except AttributeError:
+        return ("gives no attention sizes in its own config (`head_dim`, or `hidden_size` and "
+                "`num_attention_heads`), which the verifier's masks and kernel are sized by")
     for name, what in (("attention_mask", "a tree's mask"), ("position_ids", "tree nodes' positions")):
         if name not in parameters:
             return f"takes no `{name}`, so it cannot be given {what}"

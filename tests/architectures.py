@@ -35,16 +35,34 @@ SMALL = {
     "vocab_size_per_layer_input": VOCAB, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
     "linear_key_head_dim": 8, "linear_value_head_dim": 8, "window_size": 4, "attn_layer_period": 2,
     "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1, "attn_layer_indices": [1],
-    "keep_window_size": 4,
+    "keep_window_size": 4, "hidden_size_global": 32, "encoder_hash_byte_group_vocab": 64,
+    "local_attention_window_len": 6, "ffn_hidden_size": 64, "kv_n_heads": 2,
+    "shared_experts_intermediate_size": 32, "num_dense_layers": 1, "audio_vocab_size": 64, "d_inner": 64,
 }
-# What one type needs besides: a validator that the values above do not satisfy.
+# What one type needs besides: a validator that the values above do not satisfy, or a field whose default its own
+# code cannot build from. A sub-config's entry (a dict) is laid over that sub-config; a per-layer list replaces it.
 TWEAKS = {
     "mamba2": {"head_dim": 16},
-    "dots3_note_text": {"num_key_value_heads": 4},
+    # Its sliding layers override the attention sizes (per_layer_config); kept smaller, and other than the rest.
+    "dots3_note_text": {"num_key_value_heads": 4, "per_layer_config": {1: {
+        "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16, "qk_nope_head_dim": 12,
+        "qk_rope_head_dim": 4}}},
     "gemma4_assistant": {"hidden_size_per_layer_input": 0},
     "zaya": {"num_experts_per_tok": 1},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},  # its default config has no layer types at all
+    # Its code never applies its config's `sliding_window` (a plain causal mask), but specdec's masks would; its
+    # default is the most positions it takes (3000), as this is, so that the window cuts nothing.
+    "moshi": {"sliding_window": 256},
+    # Its indexed layers always build the QSA indexer, which its default config leaves unset.
+    "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 8, "indexer_budget": 4,
+                       "indexer_compress_ratio": 2},
     "gemma3n_text": {"num_kv_shared_layers": 0},
     "falcon_h1": {"mamba_d_ssm": 64},
+    # Its default config gives no layer type RoPE parameters, which its code needs; here full layers have none (NoPE).
+    "cohere_compass_text": {"layer_types": ["sliding_attention", "full_attention"], "rope_parameters": {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}, "full_attention": None}},
+    # Its attention reads a RoPE base its attention config lacks, and clamps by a `clip_qkv` it cannot take as None.
+    "dbrx": {"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}},
     "reformer": {"is_decoder": True, "axial_pos_shape": [16, 16], "axial_pos_embds_dim": [16, 16]},
 }
 # Per-layer lists: cut to the model's layers.
@@ -53,14 +71,25 @@ LAYER_LISTS = ("layer_types", "mlp_layer_types", "layers_block_type", "block_typ
 
 def decoder_only() -> list[str]:
     """Model types whose causal-LM class is a decoder-only text model: not an encoder's or an encoder-decoder's,
-    not an image-text model's (whose text model is listed under its own type)."""
+    not an image-text model's (whose text model is listed under its own type), not one that writes no text."""
     names = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     other = set(modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES) | set(
         modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES) | set(
         modeling_auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES)
     return sorted(name for name, cls in names.items()
                   if name not in other and name in CONFIG_MAPPING and "ConditionalGeneration" not in cls
-                  and "text_config" not in (getattr(CONFIG_MAPPING[name], "sub_configs", None) or {}))
+                  and "text_config" not in (getattr(CONFIG_MAPPING[name], "sub_configs", None) or {})
+                  and _writes_text(name))
+
+
+def _writes_text(model_type: str) -> bool:
+    """Whether the type's causal-LM class generates text, by its ``output_modalities``: MusicGen's generate audio
+    codes, one token per codebook in rows of their own."""
+    try:
+        model_class = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING[CONFIG_MAPPING[model_type]]
+    except (ImportError, RuntimeError):  # not importable here: kept, so that the test says why it is skipped
+        return True
+    return "text" in model_class.output_modalities
 
 
 def _per_layer(listed: list, layers: int) -> list:
@@ -79,17 +108,17 @@ def _shrunk(config_class, layers: int, tweaks: dict):
         values["num_key_value_heads"] = values["num_attention_heads"]
     for name in LAYER_LISTS:
         listed = getattr(defaults, name, None)
-        if isinstance(listed, (list, tuple)) and listed:
+        if name not in tweaks and isinstance(listed, (list, tuple)) and listed:
             values[name] = _per_layer(list(listed), layers)
     for name, sub_class in (getattr(config_class, "sub_configs", None) or {}).items():
         if isinstance(sub_class, type) and name in fields and sub_class.__name__ != "AutoConfig":
-            values[name] = _shrunk(sub_class, layers, tweaks).to_dict()
+            values[name] = {**_shrunk(sub_class, layers, tweaks).to_dict(), **tweaks.get(name, {})}
     config = config_class(**{k: v for k, v in values.items() if k in fields})
     for name, value in values.items():
         if name not in fields and hasattr(config, name):
             try:
                 setattr(config, name, value)
-            except AttributeError:  # a property derived from other fields
+            except (AttributeError, NotImplementedError):  # a property derived from other fields, or refused
                 pass
     return config
 

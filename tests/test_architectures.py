@@ -74,3 +74,10 @@ def test_a_model_whose_cache_is_not_a_kv_cache_is_refused_naming_it():
     not a cache a rejected draft can be cropped from."""
     with pytest.raises(NotImplementedError, match=r"\(ReformerModelWithLMHead\) takes no KV cache: .*past_buckets"):
         specdec.generate(build("reformer"), torch.tensor([[5, 6, 7]]), max_new_tokens=3)
+
+
+def test_a_model_without_attention_sizes_in_its_config_is_refused_saying_so():
+    """BLT keeps its sizes in sub-configs: the probe's refusal blamed BLT's forward for specdec's own read of
+    its head size."""
+    with pytest.raises(NotImplementedError, match=r"\(BltForCausalLM\) gives no attention sizes in its own config"):
+        specdec.generate(build("blt"), torch.tensor([[5, 6, 7]]), max_new_tokens=3)
