@@ -115,6 +115,7 @@ class Medusa(Drafter):
         super().begin(target, seqs, sampling)
         self.layout = self.kept_state().get(("layout", self.paths), lambda: tuple(
             x.to(seqs.end.device) for x in (self.parents, self.depths, self.ranks)))
+        self.stepping = self.compiled(self.heads)
 
     @torch.no_grad()
     def propose(self, seqs: Sequences) -> Tree:
@@ -122,7 +123,7 @@ class Medusa(Drafter):
         rows = torch.arange(batch, device=dev)
         # The feature that predicted the root: the target's last hidden state before it.
         feature = seqs.features[rows, (seqs.end - 2).clamp(min=0)]
-        logits = self.heads(feature)  # (B, K, V)
+        logits = self.stepping(feature)  # (B, K, V)
         parents, depths, ranks = self.layout
         parents = parents.expand(batch, -1)
         if not self.sampling.do_sample:

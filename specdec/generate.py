@@ -26,7 +26,7 @@ from .graphs import StepGraphs
 from .output import SpeculativeOutput, Stats
 from .sampling import Sampling
 from .sequences import Sequences
-from .step import COUNTERS, compiled_keep_accepted, keep_accepted, verify_step
+from .step import COUNTERS, allow_recompiles, compiled_keep_accepted, keep_accepted, verify_step
 from .tree import Tree
 from .verify import verify
 
@@ -209,7 +209,8 @@ def generate(
 
     ``compile=True`` also fuses the target's forward in that step with ``torch.compile`` (Inductor): the
     norms, rotary embeddings and activations that eager modeling code runs as dozens of small kernels per
-    layer, and the acceptance after it. The first call compiles (seconds for small models, minutes for large
+    layer, the acceptance after it, and the drafter's own passes (a draft model, Medusa heads, EAGLE's
+    decoder). It raises Dynamo's per-frame recompile limit to 64 for the process. The first call compiles (seconds for small models, minutes for large
     ones); later calls that fit the kept buffers reuse it whatever their prompt's length, and one that needs
     larger buffers recompiles once. It implies the fixed-shape step, on a CPU too.
 
@@ -327,6 +328,8 @@ def _run(call: _Call):
                                     call.past_key_values, call.fuse_projections)
     with session:
         call.drafter = session.drafter(call.drafter)
+        if call.drafter is not None:
+            call.drafter.compile = call.compile
         try:
             first = _prefill(call, session, stats)
             _decode(call, session, stats, first)
@@ -367,6 +370,8 @@ def _decode(call: _Call, session, stats: Stats, first: torch.Tensor) -> None:
     model, drafter, seqs, cache, streamer = call.model, call.drafter, session.seqs, session.cache, call.streamer
     # Compiled only where shapes are fixed: a held cache (a failed capture lets go of it).
     fused = (torch.compile(model), compiled_keep_accepted()) if call.compile else (model, keep_accepted)
+    if call.compile:
+        allow_recompiles()
 
     def step(tree: Tree | None):
         target, keep = fused if cache.held is not None else (model, keep_accepted)

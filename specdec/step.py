@@ -80,6 +80,14 @@ def verify_step(model, cache, seqs: Sequences, tree: Tree, sampling: Sampling, c
 
 
 @functools.cache
+def allow_recompiles() -> None:
+    """Under ``compile=True`` each batch size and tree shape is a graph of the target's forward, and a draft
+    model or EAGLE head of the target's family runs the same transformers code: their frames share Dynamo's
+    limit of 8 graphs per frame, past which it silently runs them uncompiled. Raised for the process, once."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+
+@functools.cache
 def compiled_keep_accepted():
     """``keep_accepted`` fused by ``torch.compile``, one per process (made on first use: compiling is lazy,
     but importing Dynamo is not)."""

@@ -117,7 +117,8 @@ def test_sampling_matches_target_distribution(pair, kind, settings, fast_path):
 
 @pytest.mark.parametrize("kind", ["tree", "medusa"])
 def test_compiled_target_samples_its_distribution(pair, kind):
-    """``compile=True``: the target's fused forward feeds the same acceptance rule, so the same test holds."""
+    """``compile=True``: the target's fused forward, and the draft model's or heads' fused passes, feed the same
+    acceptance rule, so the same test holds."""
     target, draft = pair
     torch.manual_seed(0)
     drafter = make_drafter(kind, target, draft)

@@ -135,14 +135,15 @@ def test_an_error_mid_call_leaves_the_session_free():
     assert torch.equal(got, target.generate(ids, attention_mask=mask, max_new_tokens=6))
 
 
-def test_compiled_calls_with_prompts_of_new_lengths_do_not_recompile():
+@pytest.mark.parametrize("kind", ["lookup_tree", "draft_tree"])
+def test_compiled_calls_with_prompts_of_new_lengths_do_not_recompile(kind):
     """The compiled step's shapes come from the kept buffers, not from the prompt (each new length recompiled
-    it before sessions: 4 to 5 compiles over 5 calls)."""
+    it before sessions: 4 to 5 compiles over 5 calls), the draft model's compiled passes' too."""
     from specdec.bench import _graphs_compiled
 
     torch._dynamo.reset()  # nothing compiled by earlier tests
     target = tiny("llama")
-    drafter = make_drafter("lookup_tree", target)
+    drafter = make_drafter(kind, target)
     compiled = []
     for width, new in [(5, 16), (9, 12), (13, 20), (21, 8)]:
         ids, mask = prompts(1, width, width)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..sampling import Sampling
 from ..sequences import Sequences
 from ..session import Kept
@@ -40,6 +42,7 @@ class Drafter:
     wants_features: bool = False
     forwards: int = 0  # forward passes the drafter counted itself this call (its prompt pass; propose off the step)
     kept = None  # the call's session's ``Kept`` for ``owner``, set on the call's copy before ``begin``
+    compile = False  # ``generate(compile=True)``, set on the call's copy before ``begin``: see ``compiled``
 
     @property
     def owner(self):
@@ -59,6 +62,11 @@ class Drafter:
         if self.kept is None:
             self.kept = Kept(self.owner)
         return self.kept
+
+    def compiled(self, module):
+        """``module`` for the step's fixed-shape passes: fused by ``torch.compile`` when the call compiles, as
+        the target is, so that drafting is not hundreds of small kernels beside a fused verification."""
+        return torch.compile(module) if self.compile else module
 
     def check(self, target) -> None:
         pass

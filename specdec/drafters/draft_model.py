@@ -79,13 +79,14 @@ class DraftModel(Drafter):
         self.forwards += prefill(self.model, self.cache, seqs.tokens[:, : width - 1], seqs.start)[0]
         self.cache.ends.fill_(width - 1)  # the draft's cached tokens end there
         self.cache.hold(seqs.limit)
+        self.stepping = self.compiled(self.model)
 
     def _probs(self, logits, seqs: Sequences, depth) -> torch.Tensor:
         # Greedy drafting still needs the draft's full distribution to rank its top-k children.
         return self.sampling.probs(logits, seqs.generated[:, None] + depth, seqs.end[:, None] + depth)
 
     def _forward(self, fn, *args):
-        return fn(self.model, self.cache, *args)
+        return fn(self.stepping, self.cache, *args)
 
     @torch.no_grad()
     def propose(self, seqs: Sequences) -> Tree:

@@ -53,7 +53,8 @@ class Levels:
         own = torch.eye(width, dtype=torch.bool, device=inputs.device).expand(batch, -1, -1)
         visible = torch.cat([inherited, own], -1)
         self.seen = torch.cat([F.pad(self.seen, (0, width)), visible], 1)
-        self.positions.append((self.root + len(self.positions) + 1).expand(-1, width))
+        # Contiguous: a compiled drafter's graphs are specialised on strides, and the verifier's are dense.
+        self.positions.append((self.root + len(self.positions) + 1).expand(-1, width).contiguous())
         self.last = fed
         with self.cache.held_past(fed):
             return self.run(inputs, self.positions[-1], self.prefix, visible, torch.cat(self.positions, 1))
