@@ -18,6 +18,7 @@ export PYTHONUNBUFFERED=1
 OURS=("specdec: draft model" "specdec: prompt lookup" "specdec: medusa" "specdec: eagle")
 THEIRS=("assisted: draft model" "assisted: prompt lookup" "gpt-fast: speculative")
 COMPILED=("specdec, no drafter, compiled" "specdec: draft model, compiled")
+COMPILED_ALL=("${COMPILED[@]}" "specdec: prompt lookup, compiled" "specdec: medusa, compiled" "specdec: eagle, compiled")
 
 install() {  # a copy of the checkout per job: later calls re-sync the working tree, and a job must not see edits
   mkdir -p "$W" && rm -rf "$W/src-$1" && cp -a . "$W/src-$1" && cd "$W/src-$1" || exit 1
@@ -48,6 +49,8 @@ tables() {
                  --calls 2 --modes greedy --only "${OURS[@]}" "assisted: prompt lookup" ;;
       8b-b1-compiled) bench 8b-b1-compiled --shape llama-3-8b --draft-shape llama-3.2-1b --prompts 8 --batch-sizes 1 \
                  --calls 4 --modes greedy --compiled --only "${COMPILED[@]}" ;;
+      8b-b1-compiled-all) bench 8b-b1-compiled-all --shape llama-3-8b --draft-shape llama-3.2-1b --prompts 4 \
+                 --batch-sizes 1 --calls 2 --modes greedy --compiled --only "${COMPILED_ALL[@]}" ;;
       demo) bench demo --prompts 64 --batch-sizes 1 4 16 64 --calls 2 --only "${OURS[@]}" "${THEIRS[@]}" ;;
       pair-b1) bench pair-b1 --prompts 8 --batch-sizes 1 --calls 4 --only "${OURS[@]}" ;;
       8b-b1-sample) bench 8b-b1-sample --shape llama-3-8b --draft-shape llama-3.2-1b --prompts 4 --batch-sizes 1 \

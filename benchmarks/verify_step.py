@@ -49,7 +49,7 @@ from transformers import DynamicCache, GenerationConfig, LlamaConfig, LlamaForCa
 from specdec.attention import head_dim
 from specdec import fusion
 from specdec.cache import TreeCache
-from specdec.forward import Prefix, forward_nodes, prefill
+from specdec.forward import Prefix, cache_keyword, forward_nodes, prefill
 from specdec.graphs import StepGraphs
 from specdec.sampling import Sampling
 from specdec.sequences import Sequences
@@ -159,7 +159,7 @@ class StepBench:
         self.sampling = Sampling.from_config(GenerationConfig(do_sample=False))
         self.counters = torch.zeros(len(COUNTERS), dtype=torch.long, device=device)
         self.dynamic = DynamicCache(config=model.config)
-        model(prompt[:, :p], past_key_values=self.dynamic, use_cache=True)
+        model(prompt[:, :p], **{cache_keyword(model): self.dynamic}, use_cache=True)
         self.prompt = prompt
 
     def rewind(self):  # the held cache needs none: its length never moves
@@ -191,7 +191,7 @@ class StepBench:
         return run
 
     def plain_decode(self):
-        self.model(self.prompt[:, self.p:], past_key_values=self.dynamic, use_cache=True)
+        self.model(self.prompt[:, self.p:], **{cache_keyword(self.model): self.dynamic}, use_cache=True)
         self.dynamic.crop(-1)
 
 

@@ -5,6 +5,7 @@ import torch
 from transformers import DynamicCache, LlamaModel, StaticCache
 
 import specdec
+from specdec.forward import cache_keyword
 from models import perturbed, prompts, tiny
 
 
@@ -88,7 +89,7 @@ def test_error_mid_generation_leaves_model_and_cache_usable(model):
     ids, _ = prompts(1, 9, 0)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids[:, :6], past_key_values=cache)
+        model(ids[:, :6], **{cache_keyword(model): cache})
     before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
 
     class Exploding:

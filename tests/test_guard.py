@@ -22,7 +22,7 @@ class ForgetsTheCache(LlamaForCausalLM):
 
 def _cache(past_key_values, cache) -> dict:
     """The cache under the name it came (``cache`` from transformers 5.2x, ``past_key_values`` before)."""
-    return {"past_key_values": past_key_values} if cache is None else {"cache": cache}
+    return {"cache": cache} if cache is not None else {"past_key_values": past_key_values} if past_key_values is not None else {}
 
 
 class NumbersByColumn(LlamaForCausalLM):

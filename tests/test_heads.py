@@ -14,6 +14,7 @@ import specdec
 from models import perturbed, prompts, tiny
 from specdec import features, heads
 from specdec.drafters.base import Drafter
+from specdec.forward import cache_keyword
 from specdec.sampling import Sampling
 from specdec.sequences import Sequences
 
@@ -179,7 +180,7 @@ def test_feature_drafters_refuse_a_prefilled_cache():
     model = tiny("llama")
     ids, _ = prompts(1, 6, seed=0)
     cache = DynamicCache()
-    model(ids[:, :3], past_key_values=cache)
+    model(ids[:, :3], **{cache_keyword(model): cache})
     with pytest.raises(ValueError, match="past_key_values"):
         specdec.generate(model, ids, drafter=heads.Eagle(heads.EagleHead(model)), past_key_values=cache)
 
