@@ -128,11 +128,11 @@ class Eagle(Drafter):
             pairs = self.head.inputs(seqs.features[:, :width], seqs.tokens[:, 1 : width + 1])
             self.forwards += prefill(self.head.decoder, self.cache, pairs, seqs.start)[0]
         self.cache.hold(seqs.limit)
-        self.decoder = self.compiled(self.head.decoder)
+        self.stepping = self.compiled(self.head.decoder)
 
     def _run(self, fn, *args):
         with features.capture(self.head.decoder) as captured:
-            logits = fn(self.decoder, self.cache, *args)
+            logits = fn(self.stepping, self.cache, *args)
         return logits.float(), captured[0]
 
     def _children(self, logits, seqs: Sequences, depth: int):
