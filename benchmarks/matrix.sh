@@ -51,6 +51,9 @@ tables() {
                  --calls 4 --modes greedy --compiled --only "${COMPILED[@]}" ;;
       8b-b1-compiled-all) bench 8b-b1-compiled-all --shape llama-3-8b --draft-shape llama-3.2-1b --prompts 4 \
                  --batch-sizes 1 --calls 2 --modes greedy --compiled --only "${COMPILED_ALL[@]}" ;;
+      verify-batches) echo "== verify-batches $(date -u +%FT%TZ)" >>"$W/bench.log"  # a step's cost by rows and tree size
+                 python3 benchmarks/verify_step.py --B 1 16 64 --P 512 --T 1 16 64 --steps 10 \
+                     --out "$W/verify-batches.json" >>"$W/bench.log" 2>&1 ;;
       demo) bench demo --prompts 64 --batch-sizes 1 4 16 64 --calls 2 --only "${OURS[@]}" "${THEIRS[@]}" ;;
       pair-b1) bench pair-b1 --prompts 8 --batch-sizes 1 --calls 4 --only "${OURS[@]}" ;;
       8b-b1-sample) bench 8b-b1-sample --shape llama-3-8b --draft-shape llama-3.2-1b --prompts 4 --batch-sizes 1 \

@@ -1,7 +1,8 @@
 """Time one verification step of an 8B-shaped Llama against its memory-bandwidth floor.
 
-A step is what ``specdec.generate`` runs per verification (``step.verify_step``), batch 1, greedy: the
-target over a T-node tree (each node with up to 4 children, breadth first) on a cache of P tokens,
+A step is what ``specdec.generate`` runs per verification (``step.verify_step``), greedy, for B rows (``--B``,
+1 by default): the target over a T-node tree per row (each node with up to 4 children, breadth first) on a
+cache of P tokens per row,
 acceptance, compaction and bookkeeping; the sequence and the cache are rewound to P between steps so every
 step sees the same state. Weights are
 random (cost only), bf16.
@@ -23,7 +24,7 @@ random (cost only), bf16.
   compiled pipelined / floor. This is the issue's floor, and it counts the input embedding table (1.05 GB
   of an 8B Llama's 16.1), which a step does not read; ``x read floor`` = compiled / the floor without it.
 
-    python benchmarks/verify_step.py --out verify.json [--T 1 16 64] [--P 512 4096] [--tiny] [--profile]
+    python benchmarks/verify_step.py --out verify.json [--T 1 16 64] [--P 512 4096] [--B 1 16 64] [--tiny] [--profile]
     python benchmarks/verify_step.py --P 4096 --T 16 --compare fuse=on fuse=off --out fuse.json
 
 Every specdec column runs with the projections fused (``specdec.fusion``), as ``generate`` runs them; plain
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import statistics
 import time
@@ -132,22 +134,25 @@ def build_model(shape: dict, device, dtype) -> LlamaForCausalLM:
 
 
 def tree_of(t: int, vocab: int, root: torch.Tensor) -> Tree:
+    """A ``t``-node tree for each row of ``root`` (B,)."""
+    batch = root.shape[0]
     parents = torch.tensor([-1] + [(i - 1) // 4 for i in range(1, t)], device=root.device)
-    tokens = torch.randint(vocab, (1, t), device=root.device)
+    tokens = torch.randint(vocab, (batch, t), device=root.device)
     tokens[:, 0] = root
-    return Tree(tokens=tokens, parents=parents[None], valid=torch.ones(1, t, dtype=torch.bool, device=root.device))
+    return Tree(tokens=tokens, parents=parents.expand(batch, -1),
+                valid=torch.ones(batch, t, dtype=torch.bool, device=root.device))
 
 
 class StepBench:
-    """One (P, T) setting: an 8B step's state and the ways of running it, each a callable that leaves the
+    """One (B, P, T) setting: an 8B step's state and the ways of running it, each a callable that leaves the
     state as it found it."""
 
-    def __init__(self, model, p: int, t: int, compile_mode: str | None = None):
+    def __init__(self, model, p: int, t: int, compile_mode: str | None = None, batch: int = 1):
         device, vocab = model.device, model.config.vocab_size
         self.model, self.p = model, p
         self.compiled_model = torch.compile(model, mode=compile_mode)  # compiles at its first call
-        prompt = torch.randint(vocab, (1, p + 1), device=device)
-        self.start = torch.zeros(1, dtype=torch.long, device=device)
+        prompt = torch.randint(vocab, (batch, p + 1), device=device)
+        self.start = torch.zeros(batch, dtype=torch.long, device=device)
         # A sequence of P + 1 tokens, the last the tree's root; one cache for each path, P tokens each.
         self.seqs = Sequences.from_prompt(prompt, torch.ones_like(prompt), max_new_tokens=64)
         self.cache, self.held_cache = TreeCache(self.seqs.tokens.shape[1]), TreeCache(self.seqs.tokens.shape[1])
@@ -195,12 +200,12 @@ class StepBench:
         self.dynamic.crop(-1)
 
 
-def floor_ms(model, p: int, copy_bps: float) -> dict:
+def floor_ms(model, p: int, copy_bps: float, batch: int = 1) -> dict:
     """The issue's floor counts every weight; ``read floor`` leaves out the input embedding table, of which a
     step reads only its T rows (unless it is tied to the output layer, which reads it all)."""
     cfg = model.config
     weight_bytes = sum(x.numel() * x.element_size() for x in model.parameters())
-    kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim(cfg) * p * model.dtype.itemsize
+    kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim(cfg) * p * batch * model.dtype.itemsize
     embed = model.get_input_embeddings().weight
     unread = 0 if embed is model.get_output_embeddings().weight else embed.numel() * embed.element_size()
     return {"weight_bytes": weight_bytes, "kv_bytes": kv_bytes, "unread_embedding_bytes": unread,
@@ -221,14 +226,14 @@ def compiled_columns(run, steps: int, warmup: int, device, floor: dict) -> dict:
 
 @torch.no_grad()
 def run_row(model, p: int, t: int, steps: int, warmup: int, copy_bps: float, profile: bool = False,
-            compile_mode: str | None = None) -> dict:
-    bench, device = StepBench(model, p, t, compile_mode), model.device
-    row = {"P": p, "T": t, "plain_decode_ms": _median_ms(bench.plain_decode, steps, warmup, device)}
+            compile_mode: str | None = None, batch: int = 1) -> dict:
+    bench, device = StepBench(model, p, t, compile_mode, batch), model.device
+    row = {"B": batch, "P": p, "T": t, "plain_decode_ms": _median_ms(bench.plain_decode, steps, warmup, device)}
     with fusion.fused(model):
         graph_step, compiled_graph_step = bench.replayed(False), bench.replayed(True)
         row.update(step_ms=_median_ms(bench.step, steps, warmup, device),
                    graph_ms=_median_ms(graph_step, steps, warmup, device),
-                   **compiled_columns(compiled_graph_step, steps, warmup, device, floor_ms(model, p, copy_bps)),
+                   **compiled_columns(compiled_graph_step, steps, warmup, device, floor_ms(model, p, copy_bps, batch)),
                    forward_ms=_median_ms(bench.forward, steps, warmup, device))
         if profile and device.type == "cuda":
             row["kernels_ms"] = kernel_times(graph_step)
@@ -292,11 +297,11 @@ def kernel_times(run, top: int = 12) -> dict:
 
 
 def markdown(rows) -> str:
-    lines = ["| P | T | step ms (dynamic) | graph ms (fast path) | compiled ms (fast path, compile=True) | "
+    lines = ["| B | P | T | step ms (dynamic) | graph ms (fast path) | compiled ms (fast path, compile=True) | "
              "compiled GPU ms | compiled pipelined ms | forward ms | plain decode ms | floor ms | x floor | "
              "x floor pipelined | x read floor |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['P']} | {r['T']} | {r['step_ms']:.2f} | {r['graph_ms']:.2f} | {r['compiled_ms']:.2f} | "
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r.get('B', 1)} | {r['P']} | {r['T']} | {r['step_ms']:.2f} | {r['graph_ms']:.2f} | {r['compiled_ms']:.2f} | "
               f"{r['compiled_gpu_ms']:.2f} | {r['compiled_pipelined_ms']:.2f} | {r['forward_ms']:.2f} | "
               f"{r['plain_decode_ms']:.2f} | {r['floor_ms']:.2f} | {r['x_floor']:.2f} | {r['x_floor_pipelined']:.2f} | "
               f"{r['x_read_floor']:.2f} |"
@@ -308,6 +313,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--P", type=int, nargs="+", default=[512, 4096])
     parser.add_argument("--T", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--B", type=int, nargs="+", default=[1], help="rows per step (each its own tree)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model, for a CPU smoke test")
@@ -331,14 +337,13 @@ def main(argv=None):
             with open(args.out, "w") as f:
                 json.dump(record, f, indent=1)
         return
-    for p in args.P:
-        for t in args.T:
-            record["rows"].append(run_row(model, p, t, args.steps, args.warmup, copy_bps, args.profile,
-                                          args.compile_mode))
-            print(markdown(record["rows"][-1:]).splitlines()[-1], flush=True)
-            if args.out:
-                with open(args.out, "w") as f:
-                    json.dump(record, f, indent=1)
+    for b, p, t in itertools.product(args.B, args.P, args.T):
+        record["rows"].append(run_row(model, p, t, args.steps, args.warmup, copy_bps, args.profile,
+                                      args.compile_mode, b))
+        print(markdown(record["rows"][-1:]).splitlines()[-1], flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(record, f, indent=1)
     print(markdown(record["rows"]))
 
 

@@ -14,12 +14,12 @@ BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 def test_verify_step_benchmark_times_every_row(tmp_path):
     main = runpy.run_path(str(BENCHMARKS / "verify_step.py"))["main"]
     out = tmp_path / "verify.json"
-    main(["--tiny", "--P", "32", "64", "--T", "1", "8", "--steps", "2", "--warmup", "1", "--out", str(out)])
+    main(["--tiny", "--B", "1", "3", "--P", "32", "64", "--T", "8", "--steps", "2", "--warmup", "1", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["P"], r["T"]) for r in rows] == [(32, 1), (32, 8), (64, 1), (64, 8)]
+    assert [(r["B"], r["P"], r["T"]) for r in rows] == [(1, 32, 8), (1, 64, 8), (3, 32, 8), (3, 64, 8)]
     timed = ("step_ms", "graph_ms", "compiled_ms", "compiled_pipelined_ms", "forward_ms", "plain_decode_ms")
     assert all(r[name] > 0 for r in rows for name in timed)
-    assert rows[2]["kv_bytes"] == 2 * rows[0]["kv_bytes"]
+    assert rows[1]["kv_bytes"] == 2 * rows[0]["kv_bytes"] and rows[2]["kv_bytes"] == 3 * rows[0]["kv_bytes"]
     assert rows[0]["unread_embedding_bytes"] == 256 * 64 * 4  # the tiny model's untied fp32 input table
 
 
