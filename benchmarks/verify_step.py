@@ -301,10 +301,10 @@ def markdown(rows) -> str:
              "compiled GPU ms | compiled pipelined ms | forward ms | plain decode ms | floor ms | x floor | "
              "x floor pipelined | x read floor |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r.get('B', 1)} | {r['P']} | {r['T']} | {r['step_ms']:.2f} | {r['graph_ms']:.2f} | {r['compiled_ms']:.2f} | "
-              f"{r['compiled_gpu_ms']:.2f} | {r['compiled_pipelined_ms']:.2f} | {r['forward_ms']:.2f} | "
-              f"{r['plain_decode_ms']:.2f} | {r['floor_ms']:.2f} | {r['x_floor']:.2f} | {r['x_floor_pipelined']:.2f} | "
-              f"{r['x_read_floor']:.2f} |"
+    lines += [f"| {r['B']} | {r['P']} | {r['T']} | {r['step_ms']:.2f} | {r['graph_ms']:.2f} | "
+              f"{r['compiled_ms']:.2f} | {r['compiled_gpu_ms']:.2f} | {r['compiled_pipelined_ms']:.2f} | "
+              f"{r['forward_ms']:.2f} | {r['plain_decode_ms']:.2f} | {r['floor_ms']:.2f} | {r['x_floor']:.2f} | "
+              f"{r['x_floor_pipelined']:.2f} | {r['x_read_floor']:.2f} |"
               for r in rows]
     return "\n".join(lines)
 

@@ -210,9 +210,10 @@ def generate(
     ``compile=True`` also fuses the target's forward in that step with ``torch.compile`` (Inductor): the
     norms, rotary embeddings and activations that eager modeling code runs as dozens of small kernels per
     layer, the acceptance after it, and the drafter's own passes (a draft model, Medusa heads, EAGLE's
-    decoder). It raises Dynamo's per-frame recompile limit to 64 for the process. The first call compiles (seconds for small models, minutes for large
-    ones); later calls that fit the kept buffers reuse it whatever their prompt's length, and one that needs
-    larger buffers recompiles once. It implies the fixed-shape step, on a CPU too.
+    decoder). It raises Dynamo's per-frame recompile limit to 64 for the process. The first call compiles
+    (seconds for small models, minutes for large ones); later calls that fit the kept buffers reuse it whatever
+    their prompt's length, and one that needs larger buffers recompiles once. It implies the fixed-shape step,
+    on a CPU too.
 
     ``fuse_projections`` (default True) runs each layer's q/k/v projections, and its gate/up projections, as
     one GEMM during the call (:mod:`specdec.fusion`): the first call moves each group's weights into one
@@ -369,9 +370,9 @@ def _decode(call: _Call, session, stats: Stats, first: torch.Tensor) -> None:
     """Verification steps, replayed from the session's graphs where they can be, until every row finished."""
     model, drafter, seqs, cache, streamer = call.model, call.drafter, session.seqs, session.cache, call.streamer
     # Compiled only where shapes are fixed: a held cache (a failed capture lets go of it).
-    fused = (torch.compile(model), compiled_keep_accepted()) if call.compile else (model, keep_accepted)
     if call.compile:
         allow_recompiles()
+    fused = (torch.compile(model), compiled_keep_accepted()) if call.compile else (model, keep_accepted)
 
     def step(tree: Tree | None):
         target, keep = fused if cache.held is not None else (model, keep_accepted)

@@ -43,6 +43,19 @@ def tiny(arch: str = "llama", seed: int = 0, attn: str = "sdpa", **overrides):
     return model
 
 
+class Recorder:
+    """A streamer that keeps what it is given: each chunk's tokens, and whether the call ended it."""
+
+    def __init__(self):
+        self.chunks, self.ended = [], False
+
+    def put(self, value):
+        self.chunks.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.ended = True
+
+
 def perturbed(model, scale: float = 0.05, seed: int = 1):
     """A draft that agrees with ``model`` often but not always: the target with noisy weights."""
     draft = copy.deepcopy(model)

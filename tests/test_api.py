@@ -8,7 +8,7 @@ from transformers import DynamicCache, GenerationConfig
 
 import specdec
 from specdec.forward import cache_keyword
-from models import perturbed, prompts, tiny
+from models import Recorder, perturbed, prompts, tiny
 
 
 def test_return_dict_carries_sequences_and_stats():
@@ -42,17 +42,7 @@ def test_streamer_receives_prompt_then_every_new_token_in_order():
     model = tiny("llama")
     ids, _ = prompts(1, 6, 2)
 
-    class Collect:
-        def __init__(self):
-            self.chunks, self.ended = [], False
-
-        def put(self, value):
-            self.chunks.append(value.reshape(-1).tolist())
-
-        def end(self):
-            self.ended = True
-
-    streamer = Collect()
+    streamer = Recorder()
     out = specdec.generate(model, ids, assistant_model=model, max_new_tokens=15, streamer=streamer, eos_token_id=None)
     assert streamer.chunks[0] == ids[0].tolist() and streamer.ended
     assert sum(streamer.chunks[1:], []) == out[0, 6:].tolist()

@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 import specdec
-from models import prompts, tiny
+from models import Recorder, prompts, tiny
 from specdec import guard
 
 
@@ -22,7 +22,9 @@ class ForgetsTheCache(LlamaForCausalLM):
 
 def _cache(past_key_values, cache) -> dict:
     """The cache under the name it came (``cache`` from transformers 5.2x, ``past_key_values`` before)."""
-    return {"cache": cache} if cache is not None else {"past_key_values": past_key_values} if past_key_values is not None else {}
+    if cache is not None:
+        return {"cache": cache}
+    return {} if past_key_values is None else {"past_key_values": past_key_values}
 
 
 class NumbersByColumn(LlamaForCausalLM):
@@ -50,17 +52,6 @@ def _as(model_class):
     return model
 
 
-class Recorder:
-    def __init__(self):
-        self.tokens = []
-
-    def put(self, value):
-        self.tokens.append(value)
-
-    def end(self):
-        pass
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_rounding_is_not_a_mismatch_and_a_forgetful_model_still_is(models, dtype, monkeypatch):
     """Our masked pass and a plain one round differently in 16 bits (float16 by 6e-4 of the largest logit on the
@@ -81,7 +72,7 @@ def test_a_model_that_ignores_what_it_is_given_is_refused_before_any_token(model
     streamer = Recorder()
     with pytest.raises(NotImplementedError, match=rf"`model` \({model_class.__name__}\) cannot be verified.*{reason}"):
         specdec.generate(model, prompts(1, 6, 0)[0], max_new_tokens=4, prompt_lookup_num_tokens=3, streamer=streamer)
-    assert streamer.tokens == []
+    assert streamer.chunks == []
     assert model.training is False
 
 
