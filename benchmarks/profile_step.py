@@ -6,7 +6,7 @@ depend on the weights, only the number of steps does, so times are per step. ``-
 models ``specdec pretrain`` wrote instead (trained heads included), on a held-out prompt with their eos, as
 ``specdec bench`` runs them. bf16, batch 1, greedy.
 
-    python benchmarks/profile_step.py --out profile.json [--models DIR] [--top 12] [--new-tokens 64]
+    python benchmarks/profile_step.py --out profile.json [--models DIR] [--top 12] [--new-tokens 64] [--compile]
 """
 
 from __future__ import annotations
@@ -65,12 +65,14 @@ def main() -> None:
     parser.add_argument("--models")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--compile", action="store_true", help="generate(compile=True): drafting's passes too")
     parser.add_argument("--out")
     args = parser.parse_args()
     target, drafters, ids, settings = trained_models(args.models) if args.models else random_models()
     rows = []
     for name, drafter in drafters.items():
-        options = dict(drafter=drafter, max_new_tokens=args.new_tokens, return_dict_in_generate=True, **settings)
+        options = dict(drafter=drafter, max_new_tokens=args.new_tokens, return_dict_in_generate=True,
+                       compile=args.compile, **settings)
         specdec.generate(target, ids, **options)  # captures; the timed and profiled calls replay
         torch.cuda.synchronize()
         start = time.perf_counter()
@@ -93,7 +95,7 @@ def main() -> None:
         print(json.dumps(row, indent=1), flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(), "compile": args.compile, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM
 
 from specdec import features
 from specdec.drafters.base import Drafter, require_positive
-from specdec.drafters.levels import Levels, catch_up
+from specdec.drafters.levels import Levels, catch_up, resync
 from specdec.forward import Prefix, extend_chains, forward_nodes, prefill
 from specdec.sampling import Sampling
 from specdec.sequences import Sequences
@@ -152,17 +152,30 @@ class Eagle(Drafter):
         logits, feats = self._catch_up(seqs)
         return self._cut(seqs, *self._grow(seqs, logits, feats))
 
-    def _catch_up(self, seqs: Sequences) -> tuple[torch.Tensor, torch.Tensor]:
-        """The head over the pairs whose features the last verification produced, the root's last: at most a
-        whole path of the last tree and its bonus token (2 after the prompt), none once a row has finished.
-        Returns the logits (B, 1, V) and predicted feature (B, 1, H) at the root's pair."""
+    def shapes(self) -> list[Drafter]:
+        """This tree, and one with a quarter of its nodes, half its width and half its depth."""
+        small = dict(top_k=max(1, self.top_k // 2), depth=max(1, (self.depth + 1) // 2),
+                     total_tokens=max(1, self.total_tokens // 4))
+        same = small == dict(top_k=self.top_k, depth=self.depth, total_tokens=self.total_tokens)
+        return [self] + ([] if same else [self.reshaped(**small)])
+
+    def resync(self, seqs: Sequences) -> None:
+        self.forwards += resync(*self._pairs(seqs, seqs.end - 2))  # the step's catch-up feeds the root's pair
+
+    def _pairs(self, seqs: Sequences, end: torch.Tensor) -> tuple:
+        """``catch_up``'s arguments to bring the head's cache to pair column ``end``: pairs (f_c, x_{c+1})."""
         def pairs(cols):
             cols = cols.clamp(max=seqs.end.max() - 2)
             return self.head.inputs(seqs.features.gather(1, cols[..., None].expand(-1, -1, seqs.features.shape[-1])),
                                     seqs.tokens.gather(1, cols + 1))
 
-        (logits, feats), last = catch_up(functools.partial(self._run, extend_chains), self.cache, seqs.start,
-                                         seqs.end - 1, self.depth + 1, pairs)
+        return functools.partial(self._run, extend_chains), self.cache, seqs.start, end, self.depth + 1, pairs
+
+    def _catch_up(self, seqs: Sequences) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head over the pairs whose features the last verification produced, the root's last: at most a
+        whole path of the last tree and its bonus token (2 after the prompt), none once a row has finished.
+        Returns the logits (B, 1, V) and predicted feature (B, 1, H) at the root's pair."""
+        (logits, feats), last = catch_up(*self._pairs(seqs, seqs.end - 1))
         at = last[..., None]
         return logits.gather(1, at.expand(-1, -1, logits.shape[-1])), feats.gather(1, at.expand(-1, -1, feats.shape[-1]))
 

@@ -8,16 +8,19 @@ and cache are never modified.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Hashable
 
 import torch
 from transformers.cache_utils import DynamicCache
 
 from . import features, guard
 from . import session as sessions
+from .adaptive import Speculation
 from .drafters.base import Drafter, require_positive
 from .drafters.draft_model import DraftModel
 from .drafters.prompt_lookup import PromptLookup
@@ -191,6 +194,7 @@ def generate(
     fast_path: bool | None = None,
     compile: bool = False,
     fuse_projections: bool = True,
+    speculation: str = "auto",
     **kwargs,
 ):
     """Generate as ``model.generate`` would, verifying drafted tokens in one target pass per step.
@@ -218,10 +222,16 @@ def generate(
     ``fuse_projections`` (default True) runs each layer's q/k/v projections, and its gate/up projections, as
     one GEMM during the call (:mod:`specdec.fusion`): the first call moves each group's weights into one
     buffer, without copying the model or changing its parameters' names or values.
+
+    ``speculation``: "auto" (default) chooses, as the call runs, between the drafter as given, plain decoding
+    and the drafter's smaller trees, from the tokens per second each gives in this call and gave in earlier
+    ones on the same kept session (:mod:`specdec.adaptive`); "always" drafts every step with the drafter as
+    given, and repeats seeded sampling exactly. Either way the output is the target's.
     """
     call = _resolve(model, input_ids, attention_mask, drafter, assistant_model, prompt_lookup_num_tokens,
-                    generation_config, streamer, past_key_values if cache is None else cache, fast_path, compile,
-                    fuse_projections, kwargs, both_caches=cache is not None and past_key_values is not None)
+                    generation_config, streamer, past_key_values if cache is None else cache,
+                    (fast_path, compile, fuse_projections, speculation), kwargs,
+                    both_caches=cache is not None and past_key_values is not None)
     return _run(call)
 
 
@@ -241,6 +251,7 @@ class _Call:
     fast_path: bool | None
     compile: bool
     fuse_projections: bool
+    speculation: str
 
     @property
     def want_features(self) -> bool:
@@ -255,17 +266,10 @@ class _Call:
         """The cache held at a fixed length: the fixed-shape step."""
         return bool(self.fast_path or self.compile or self.graphs_on)
 
-    @property
-    def drafts_in_step(self) -> bool:
-        """Drafting joins the (captured) step: the drafter says so (``Drafter.drafts_in_step``), or nothing is
-        drafted."""
-        return self.drafter is None or self.drafter.drafts_in_step
-
-    @property
-    def recipe(self) -> tuple | None:
-        """What a captured step depends on besides the session's buffers and the tree's shape; None: nothing
-        captured is kept past this call (a drafter without ``settings``)."""
-        drafter = self.drafter
+    def recipe(self, drafter: Drafter | None) -> tuple | None:
+        """What a step drafted by ``drafter`` (None: nothing drafted) depends on besides the session's buffers
+        and the tree's shape, when captured; None: nothing captured is kept past this call (a drafter without
+        ``settings``)."""
         if drafter is None:
             drafted = ("none",)
         elif not drafter.drafts_in_step:
@@ -278,14 +282,13 @@ class _Call:
 
 
 def _resolve(model, input_ids, attention_mask, drafter, assistant_model, prompt_lookup_num_tokens,
-             generation_config, streamer, past_key_values, fast_path, compile, fuse_projections, kwargs,
-             both_caches: bool) -> _Call:
+             generation_config, streamer, past_key_values, flags: tuple, kwargs, both_caches: bool) -> _Call:
     model = check_model(model, "model")
     if both_caches:  # `cache` is transformers 5.40's name for past_key_values
         raise ValueError("Pass the prompt's cache as `cache` or as `past_key_values`, not both.")
     drafter = _resolve_drafter(drafter, assistant_model, prompt_lookup_num_tokens)
     input_ids = _check_ids(input_ids)
-    _check_flags(fast_path, compile, fuse_projections)
+    _check_flags(*flags)
     batch, width = input_ids.shape
     config, max_new = _resolve_config(model, generation_config, kwargs, width)
     sampling = Sampling.from_config(config)
@@ -306,17 +309,18 @@ def _resolve(model, input_ids, attention_mask, drafter, assistant_model, prompt_
     if past_key_values is not None:
         _check_cache(past_key_values, input_ids)
     guard.prove(model, "model")
-    return _Call(model, input_ids, mask, config, sampling, max_new, drafter, streamer, past_key_values, fast_path,
-                 compile, fuse_projections)
+    return _Call(model, input_ids, mask, config, sampling, max_new, drafter, streamer, past_key_values, *flags)
 
 
-def _check_flags(fast_path, compile, fuse_projections) -> None:
+def _check_flags(fast_path, compile, fuse_projections, speculation) -> None:
     if fast_path not in (None, True, False):
         raise ValueError(f"`fast_path` must be None, True or False, got {fast_path!r}.")
     if compile not in (True, False):
         raise ValueError(f"`compile` must be True or False, got {compile!r}.")
     if fuse_projections not in (True, False):
         raise ValueError(f"`fuse_projections` must be True or False, got {fuse_projections!r}.")
+    if speculation not in ("auto", "always"):
+        raise ValueError(f"`speculation` must be 'auto' or 'always', got {speculation!r}.")
     if compile and fast_path is False:
         raise ValueError("`compile=True` compiles the fixed-shape step, which `fast_path=False` refuses; "
                          "drop one of them.")
@@ -333,15 +337,14 @@ def _run(call: _Call):
             call.drafter.compile = call.compile
         try:
             first = _prefill(call, session, stats)
-            _decode(call, session, stats, first)
+            modes, last = _decode(call, session, stats, first)
         finally:
             if call.drafter is not None:
                 call.drafter.end()
     for name, value in zip(COUNTERS, session.counters.tolist()):
         setattr(stats, name, value)
     stats.target_forwards += stats.steps
-    if call.drafter is not None:
-        stats.draft_forwards = call.drafter.forwards + call.drafter.forwards_per_step * stats.steps
+    _count_modes(modes, last, stats)
     return _output(call, session.seqs, stats)
 
 
@@ -366,35 +369,84 @@ def _prefill(call: _Call, session, stats: Stats) -> torch.Tensor:
     return first
 
 
-def _decode(call: _Call, session, stats: Stats, first: torch.Tensor) -> None:
-    """Verification steps, replayed from the session's graphs where they can be, until every row finished."""
-    model, drafter, seqs, cache, streamer = call.model, call.drafter, session.seqs, session.cache, call.streamer
+@dataclass
+class _Mode:
+    """One way ``_decode`` runs a step: a shape of the drafter, or plain decoding (``drafter`` None), with the
+    graphs kept for it (under ``key``, its recipe) and how many steps it ran in this call."""
+
+    drafter: Drafter | None
+    graphs: StepGraphs
+    key: Hashable
+    ran: int = 0
+
+    @property
+    def drafts_in_step(self) -> bool:
+        """Drafting joins the (captured) step: the drafter says so (``Drafter.drafts_in_step``), or nothing is
+        drafted."""
+        return self.drafter is None or self.drafter.drafts_in_step
+
+    @property
+    def in_step(self) -> tuple:
+        """The graph key of a step that drafts its own tree."""
+        return "drafted", 1 if self.drafter is None else self.drafter.fixed_nodes
+
+
+def _modes(call: _Call, session) -> list[_Mode]:
+    """The drafter as given; under ``speculation="auto"`` then plain decoding and the drafter's smaller shapes.
+    A step that cannot be captured turns graphs off for every mode, and lets go of the fixed shapes unless
+    the caller asked for them."""
+    def fall_back() -> None:
+        for mode in modes:
+            mode.graphs.enabled = False
+        if not call.fast_path:
+            cache.hold(None)
+
+    cache, drafter = session.cache, call.drafter
+    drafters = [drafter] if drafter is None or call.speculation == "always" else [drafter, None, *drafter.shapes()[1:]]
+    modes = [_Mode(d, StepGraphs(call.graphs_on, fall_back, session.graphs(call.recipe(d))), call.recipe(d))
+             for d in drafters]
+    return modes
+
+
+def _chooser(session, modes: list[_Mode]) -> Speculation | None:
+    """``speculation="auto"``'s choice of mode, with the session's rates when every mode's recipe is kept."""
+    if len(modes) == 1:
+        return None
+    kept = all(mode.key is not None for mode in modes)
+    new_tokens, device = COUNTERS.index("new_tokens"), session.seqs.end.device
+    return Speculation([mode.key for mode in modes] if kept else list(range(len(modes))),
+                       session.rates if kept else {}, lambda: (_sync(device), int(session.counters[new_tokens])))
+
+
+def _decode(call: _Call, session, stats: Stats, first: torch.Tensor) -> tuple[list[_Mode], _Mode | None]:
+    """Verification steps, replayed from the session's graphs where they can be, until every row finished.
+    Returns the modes and the one that ran last."""
+    model, seqs, cache, streamer = call.model, session.seqs, session.cache, call.streamer
     # Compiled only where shapes are fixed: a held cache (a failed capture lets go of it).
     if call.compile:
         allow_recompiles()
     fused = (torch.compile(model), compiled_keep_accepted()) if call.compile else (model, keep_accepted)
 
-    def step(tree: Tree | None):
+    def step(drafter: Drafter | None, tree: Tree | None):
         target, keep = fused if cache.held is not None else (model, keep_accepted)
         tree = tree if tree is not None else drafter.propose(seqs) if drafter is not None else Tree.root_only(seqs.last)
         return verify_step(target, cache, seqs, tree, call.sampling, session.counters, call.want_features, keep)
 
-    def fall_back() -> None:  # the dynamic path, uncompiled, unless the caller asked for fixed shapes
-        if not call.fast_path:
-            cache.hold(None)
-
-    graphs = StepGraphs(enabled=call.graphs_on, on_failure=fall_back, captured=session.graphs(call.recipe))
-    in_step = ("drafted", 1 if drafter is None else drafter.fixed_nodes)
+    modes = _modes(call, session)
+    chooser, mode = _chooser(session, modes), None
     if streamer is not None:
         streamer.put(call.input_ids.cpu())
         streamer.put(first.cpu())
     all_finished = _AllFinished(seqs)
     done = bool(seqs.finished.all())
     while not done:
+        mode = _enter(modes[chooser.current if chooser else 0], mode, seqs)
         t0 = time.perf_counter()
-        tree = None if call.drafts_in_step else drafter.propose(seqs)
+        tree = None if mode.drafts_in_step else mode.drafter.propose(seqs)
         t1 = t0 if tree is None else _sync(seqs.end.device)
-        tokens, count = graphs.run(step, (in_step if tree is None else tree.shape, session.sizes()), tree)
+        key = (mode.in_step if tree is None else tree.shape, session.sizes())
+        tokens, count = mode.graphs.run(functools.partial(step, mode.drafter), key, tree)
+        mode.ran += 1
         all_finished.copy()
         if streamer is not None:
             streamer.put(tokens[0, : int(count[0])].cpu())
@@ -402,10 +454,30 @@ def _decode(call: _Call, session, stats: Stats, first: torch.Tensor) -> None:
         # queues step k + 1 while the GPU runs step k instead of idling until it ends: at most one step
         # runs past the end, every row masked out (it changes nothing, and the device's counters skip it).
         done = all_finished.read(late=cache.held is not None and streamer is None)
+        if chooser is not None and not done:
+            chooser.stepped()
         stats.draft_seconds += t1 - t0
         stats.verify_seconds += time.perf_counter() - t1
     if streamer is not None:
         streamer.end()
+    return modes, mode
+
+
+def _enter(mode: _Mode, previous: _Mode | None, seqs: Sequences) -> _Mode:
+    """``mode`` for the next step: a drafter that did not draft the step before catches up first."""
+    if previous is not None and mode is not previous and mode.drafter is not None:
+        mode.drafter.resync(seqs)
+    return mode
+
+
+def _count_modes(modes: list[_Mode], last: _Mode | None, stats: Stats) -> None:
+    """Steps and draft passes per mode into ``stats``. The host may have queued one step past the end (in the
+    last mode), which the device's counters skip."""
+    if last is not None:
+        last.ran -= sum(mode.ran for mode in modes) - stats.steps
+    stats.plain_steps = sum(mode.ran for mode in modes if mode.drafter is None)
+    stats.draft_forwards = sum(mode.drafter.forwards + mode.drafter.forwards_per_step * mode.ran
+                               for mode in modes if mode.drafter is not None)
 
 
 def _output(call: _Call, seqs: Sequences, stats: Stats):

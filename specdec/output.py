@@ -14,6 +14,7 @@ class Stats:
     target_forwards: int = 0  # prefill chunks included
     draft_forwards: int = 0
     steps: int = 0  # verification steps
+    plain_steps: int = 0  # steps with nothing drafted: every step without a drafter; under "auto", those it chose
     row_steps: int = 0  # sum over steps of the rows still generating
     drafted_tokens: int = 0  # valid drafted nodes offered to the verifier, over active rows
     accepted_tokens: int = 0  # drafted tokens the verifier accepted
@@ -44,6 +45,7 @@ class Stats:
             "target_forwards": self.target_forwards,
             "draft_forwards": self.draft_forwards,
             "steps": self.steps,
+            "plain_steps": self.plain_steps,
             "drafted_tokens": self.drafted_tokens,
             "accepted_tokens": self.accepted_tokens,
             "new_tokens": self.new_tokens,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..sampling import Sampling
@@ -67,6 +69,24 @@ class Drafter:
         """``module`` for the step's fixed-shape passes: fused by ``torch.compile`` when the call compiles, as
         the target is, so that drafting is not hundreds of small kernels beside a fused verification."""
         return torch.compile(module) if self.compile else module
+
+    def shapes(self) -> list["Drafter"]:
+        """The shapes ``speculation="auto"`` may choose among, after ``begin``: this drafter, then smaller trees
+        that share its state (``reshaped``), cheaper where verifying a large tree costs more than it gains."""
+        return [self]
+
+    def reshaped(self, **options) -> "Drafter":
+        """This drafter, begun, with other options: a copy sharing its per-call state, counting its own passes."""
+        shape = copy.copy(self)
+        for name, value in options.items():
+            setattr(shape, name, value)
+        shape.forwards = 0
+        return shape
+
+    def resync(self, seqs: Sequences) -> None:
+        """Bring what this drafter keeps (a model's cache) up to each row's accepted tokens after steps it did
+        not draft (plain steps under ``speculation="auto"``, or another shape's), before its next step. On
+        the host, between captured steps; a drafter that keeps nothing across steps does nothing."""
 
     def check(self, target) -> None:
         pass

@@ -12,7 +12,7 @@ from ..sampling import Sampling
 from ..sequences import Sequences
 from ..tree import Tree
 from .base import Drafter, require_positive
-from .levels import Levels, catch_up
+from .levels import Levels, catch_up, resync
 
 
 class DraftModel(Drafter):
@@ -81,6 +81,19 @@ class DraftModel(Drafter):
         self.cache.hold(seqs.limit)
         self.stepping = self.compiled(self.model)
 
+    def shapes(self) -> list[Drafter]:
+        n = self.num_draft_tokens
+        return [self] + ([self.reshaped(num_draft_tokens=n // 2)] if n > 1 else [])
+
+    def resync(self, seqs: Sequences) -> None:
+        self.forwards += resync(*self._chains(seqs, seqs.end - 1))  # the step's catch-up feeds the root
+
+    def _chains(self, seqs: Sequences, end: torch.Tensor) -> tuple:
+        """``catch_up``'s arguments to bring the draft's cache to column ``end``: the draft over the rows' tokens."""
+        last_col = seqs.tokens.shape[1] - 1
+        return (functools.partial(self._forward, extend_chains), self.cache, seqs.start, end, self.num_draft_tokens + 1,
+                lambda cols: seqs.tokens.gather(1, cols.clamp(max=last_col)))
+
     def _probs(self, logits, seqs: Sequences, depth) -> torch.Tensor:
         # Greedy drafting still needs the draft's full distribution to rank its top-k children.
         return self.sampling.probs(logits, seqs.generated[:, None] + depth, seqs.end[:, None] + depth)
@@ -93,9 +106,7 @@ class DraftModel(Drafter):
         batch, dev, w = seqs.end.shape[0], seqs.end.device, self.tree_width
         # Catch up on the tokens accepted since the last step (the root included): a whole path of the last
         # tree and its bonus token at most (2 tokens after the prompt), none once a row has finished.
-        last_col = seqs.tokens.shape[1] - 1
-        logits, last = catch_up(functools.partial(self._forward, extend_chains), self.cache, seqs.start, seqs.end,
-                                self.num_draft_tokens + 1, lambda cols: seqs.tokens.gather(1, cols.clamp(max=last_col)))
+        logits, last = catch_up(*self._chains(seqs, seqs.end))
         frontier_probs = self._probs(logits.gather(1, last[..., None].expand(-1, -1, logits.shape[-1])), seqs, 0)
         tokens = [seqs.last[:, None]]
         parents = [torch.full((batch, 1), -1, device=dev)]

@@ -31,6 +31,18 @@ def catch_up(run: Callable, cache: TreeCache, start: torch.Tensor, end: torch.Te
     return out, (count - 1).clamp(min=0)[:, None]
 
 
+def resync(run: Callable, cache: TreeCache, start: torch.Tensor, end: torch.Tensor, span: int,
+           inputs: Callable[[torch.Tensor], torch.Tensor]) -> int:
+    """``catch_up`` to column ``end`` (B,) however far behind the cache is, ``span`` columns per pass (the shape
+    the step's own catch-up compiled); rows already there are left as they are. Reads the device. Returns the
+    passes run."""
+    passes = 0
+    while int((end - cache.ends).max()) > 0:
+        catch_up(run, cache, start, torch.maximum(cache.ends, torch.minimum(end, cache.ends + span)), span, inputs)
+        passes += 1
+    return passes
+
+
 class Levels:
     """Feeds a drafted tree level by level past a held cache (``TreeCache.held_past``), so the nodes of earlier
     levels stay visible to later ones. ``root`` (B, 1) is the root's position, ``prefix`` what each row's

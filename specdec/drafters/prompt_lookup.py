@@ -40,6 +40,10 @@ class PromptLookup(Drafter):
     def settings(self) -> tuple:
         return self.num_draft_tokens, self.max_ngram, self.min_ngram, self.tree_width
 
+    def shapes(self) -> list[Drafter]:
+        n = self.num_draft_tokens
+        return [self] + ([self.reshaped(num_draft_tokens=n // 2)] if n > 1 else [])
+
     def propose(self, seqs: Sequences) -> Tree:
         keys = match_keys(seqs.tokens, seqs.start, seqs.end, self.min_ngram, self.max_ngram, self.num_draft_tokens)
         conts = continuations(seqs.tokens, seqs.end, keys, self.num_draft_tokens, 4 * self.tree_width)
