@@ -12,9 +12,11 @@ Terms:
 - *key*: what a mode's rate is kept under (its recipe, see ``generate``), so that a later call in a kept
   session starts from the rates an earlier one measured.
 
-Each mode never measured runs one round, in order; then the mode with the best rate runs, and every
-``EXPLORE_EVERY``-th round re-measures the mode this call measured longest ago, since rates drift as rows
-finish and the cache grows. A rate is the mean of its last measurement and the one before.
+Each mode never measured runs one round, in order; then the mode with the best rate runs. Rates drift as
+rows finish, the cache grows and the text turns more or less predictable, so a mode that is not the best is
+measured again ``EXPLORE_EVERY`` rounds after its last measurement, and each time it still loses, twice as
+long after (at most ``MAX_WAIT`` rounds): a mode that keeps losing costs less and less. A rate is the mean
+of its last measurement and the one before.
 
 Lossless whatever it picks: a plain step verifies a tree with nothing drafted, and each choice depends on
 steps already run, never on what a later step samples. Seeded sampling therefore stays exact in distribution,
@@ -29,6 +31,7 @@ from typing import Callable, Hashable
 ROUND_STEPS = 16
 WARM_STEPS = 2
 EXPLORE_EVERY = 8
+MAX_WAIT = 128
 
 
 class Speculation:
@@ -38,21 +41,30 @@ class Speculation:
 
     def __init__(self, keys: list[Hashable], rates: dict, clock: Callable[[], tuple[float, int]]):
         self.keys, self.rates, self.clock = keys, rates, clock
-        self.measured_at = [-1] * len(keys)  # the round each mode was last measured in this call
+        self.wait = [EXPLORE_EVERY] * len(keys)  # rounds until a mode that is not the best is measured again
+        self.due = list(self.wait)  # the round at which it is
         self.warmed: set[int] = set()
         self.rounds = 0
         self.current = self._choose()
         self._start(None)
 
+    def _best(self) -> int:
+        return max(range(len(self.keys)), key=lambda m: self.rates[self.keys[m]])
+
     def _choose(self) -> int:
         unmeasured = [m for m, key in enumerate(self.keys) if key not in self.rates]
         if unmeasured:
             return unmeasured[0]
-        best = max(range(len(self.keys)), key=lambda m: self.rates[self.keys[m]])
-        if self.rounds % EXPLORE_EVERY == EXPLORE_EVERY - 1:
-            others = [m for m in range(len(self.keys)) if m != best]
-            return min(others, key=lambda m: self.measured_at[m], default=best)
-        return best
+        best = self._best()
+        due = [m for m in range(len(self.keys)) if m != best and self.due[m] <= self.rounds]
+        return min(due, key=lambda m: self.due[m]) if due else best
+
+    def _record(self, mode: int, rate: float) -> None:
+        key = self.keys[mode]
+        self.rates[key] = rate if key not in self.rates else (self.rates[key] + rate) / 2
+        losing = all(key in self.rates for key in self.keys) and self._best() != mode
+        self.wait[mode] = min(2 * self.wait[mode], MAX_WAIT) if losing else EXPLORE_EVERY
+        self.due[mode] = self.rounds + self.wait[mode]
 
     def _start(self, now: tuple[float, int] | None) -> None:
         """A round of ``current``: warming first if this call has not run it; ``now``, the last reading if
@@ -72,11 +84,7 @@ class Speculation:
         if self.steps < ROUND_STEPS:
             return
         now = self.clock()
-        seconds, tokens = now[0] - self.began[0], now[1] - self.began[1]
-        key = self.keys[self.current]
-        rate = tokens / max(seconds, 1e-9)
-        self.rates[key] = rate if key not in self.rates else (self.rates[key] + rate) / 2
-        self.measured_at[self.current] = self.rounds
+        self._record(self.current, (now[1] - self.began[1]) / max(now[0] - self.began[0], 1e-9))
         self.rounds += 1
         self.current = self._choose()
         self._start(now)

@@ -194,7 +194,7 @@ def generate(
     fast_path: bool | None = None,
     compile: bool = False,
     fuse_projections: bool = True,
-    speculation: str = "auto",
+    speculation: str = "always",
     **kwargs,
 ):
     """Generate as ``model.generate`` would, verifying drafted tokens in one target pass per step.
@@ -223,10 +223,11 @@ def generate(
     one GEMM during the call (:mod:`specdec.fusion`): the first call moves each group's weights into one
     buffer, without copying the model or changing its parameters' names or values.
 
-    ``speculation``: "auto" (default) chooses, as the call runs, between the drafter as given, plain decoding
-    and the drafter's smaller trees, from the tokens per second each gives in this call and gave in earlier
-    ones on the same kept session (:mod:`specdec.adaptive`); "always" drafts every step with the drafter as
-    given, and repeats seeded sampling exactly. Either way the output is the target's.
+    ``speculation``: "always" (default) drafts every step with the drafter as given. "auto" chooses, as the call
+    runs, between the drafter as given, plain decoding and the drafter's smaller trees, from the tokens per
+    second each gives in this call and gave in earlier ones on the same kept session (:mod:`specdec.adaptive`);
+    seeded sampling then follows the timing. Either way the output is the target's. "auto" is not the default
+    yet: on an H200 it measured slower than "always" at batch 1 (docs/benchmarks.md).
     """
     call = _resolve(model, input_ids, attention_mask, drafter, assistant_model, prompt_lookup_num_tokens,
                     generation_config, streamer, past_key_values if cache is None else cache,

@@ -45,6 +45,15 @@ def test_every_mode_is_tried_then_the_fastest_runs_and_the_others_are_retried():
     assert rounds.count(2) >= len(rounds) - 2 and {0, 1} <= set(rounds)  # the best, and each other retried
 
 
+def test_a_mode_that_keeps_losing_is_measured_less_and_less_often():
+    clock = Clock(cost=[1.0, 1.0], tokens=[1, 4])
+    clock.chooser = adaptive.Speculation(["a", "b"], {}, clock)
+    chosen = clock.run(2 * (adaptive.WARM_STEPS + adaptive.ROUND_STEPS) + 200 * adaptive.ROUND_STEPS)
+    retried = [i for i in range(1, len(chosen)) if chosen[i] == 0 and chosen[i - 1] == 1]
+    gaps = [b - a for a, b in zip(retried, retried[1:])]
+    assert len(gaps) >= 3 and all(b == 2 * a for a, b in zip(gaps, gaps[1:]))  # MAX_WAIT not reached here
+
+
 def test_a_later_call_starts_from_the_rates_kept():
     clock = Clock(cost=[1.0, 1.0], tokens=[1, 4])
     chooser = adaptive.Speculation(["a", "b"], {"a": 1.0, "b": 4.0}, clock)
@@ -67,7 +76,7 @@ def test_auto_stops_drafting_when_drafting_costs_more_than_it_gains():
                  num_key_value_heads=6)
     ids, mask = prompts(1, 12, seed=0)
     options = dict(attention_mask=mask, drafter=specdec.DraftModel(draft, num_draft_tokens=4), max_new_tokens=160,
-                   eos_token_id=None, return_dict_in_generate=True, fast_path=True)
+                   eos_token_id=None, return_dict_in_generate=True, fast_path=True, speculation="auto")
     first = specdec.generate(target, ids, **options)
     assert torch.equal(first.sequences, target.generate(ids, attention_mask=mask, max_new_tokens=160, eos_token_id=None))
     assert first.stats.plain_steps > 0.6 * first.stats.steps
@@ -78,11 +87,11 @@ def test_auto_stops_drafting_when_drafting_costs_more_than_it_gains():
     assert torch.equal(again.sequences, first.sequences)
 
 
-def test_always_drafts_every_step():
+def test_always_the_default_drafts_every_step():
     target = tiny()
     ids, mask = prompts(2, 6, seed=1)
     out = specdec.generate(target, ids, attention_mask=mask, drafter=specdec.DraftModel(tiny(seed=5), 3),
-                           max_new_tokens=60, speculation="always", return_dict_in_generate=True)
+                           max_new_tokens=60, return_dict_in_generate=True)
     assert out.stats.plain_steps == 0 and out.stats.steps > adaptive.WARM_STEPS + adaptive.ROUND_STEPS
     assert out.stats.draft_forwards == 1 + 3 * out.stats.steps  # the prompt's pass, then 3 per step
 
@@ -95,7 +104,7 @@ def test_greedy_equals_generate_through_switches(switching, kind, fast_path):
     ids, mask = prompts(3, 7, seed=3)
     expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=30)
     out = specdec.generate(target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=30, fast_path=fast_path,
-                           return_dict_in_generate=True)
+                           speculation="auto", return_dict_in_generate=True)
     assert torch.equal(out.sequences, expected)
     assert 0 < out.stats.plain_steps < out.stats.steps
 
@@ -143,7 +152,7 @@ def test_a_drafter_that_sat_out_steps_drafts_what_it_would_have(monkeypatch, kin
     monkeypatch.setattr(adaptive, "ROUND_STEPS", 6)
     monkeypatch.setattr(adaptive, "WARM_STEPS", 0)
     monkeypatch.setattr(adaptive, "EXPLORE_EVERY", 2)
-    specdec.generate(target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=100)
+    specdec.generate(target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=100, speculation="auto")
     compared = [p for p in trees if p in always and len(trees[p][0]) == len(always[p][0])]
     assert len(set(compared) & after_resync) >= 3
     for p in compared:
@@ -177,7 +186,8 @@ def test_sampling_through_switches_matches_target_distribution(switching, kind):
     drafter = sampling_drafter(kind, target, draft)
     torch.manual_seed(0)
     out = specdec.generate(target, PROMPT.repeat(ROWS, 1), drafter=drafter, do_sample=True, max_new_tokens=4,
-                           eos_token_id=None, pad_token_id=0, return_dict_in_generate=True, **SETTINGS[1])
+                           eos_token_id=None, pad_token_id=0, return_dict_in_generate=True, speculation="auto",
+                           **SETTINGS[1])
     assert out.stats.plain_steps > 0 and out.stats.accepted_tokens > 0.05 * ROWS
     samples = out.sequences[:, PROMPT.shape[1] + 2:].numpy()
     assert chi2_pvalue(samples, exact_third_and_fourth(target, SETTINGS[1])) > 1e-3

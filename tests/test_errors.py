@@ -116,6 +116,7 @@ def test_error_mid_generation_leaves_model_and_cache_usable(model):
     (dict(fast_path="yes"), "`fast_path` must be None, True or False"),
     (dict(compile="yes"), "`compile` must be True or False"),
     (dict(compile=True, fast_path=False), "`compile=True`.*`fast_path=False`"),
+    (dict(speculation="sometimes"), "`speculation` must be 'auto' or 'always'"),
 ])
 def test_path_options(model, options, match):
     with pytest.raises(ValueError, match=match):

@@ -115,7 +115,7 @@ def test_sampling_matches_target_distribution(pair, kind, settings, fast_path):
     assert chi2_pvalue(samples, exact_joint(target, settings)) > 1e-3
 
 
-@pytest.mark.parametrize("kind", ["tree", "medusa"])
+@pytest.mark.parametrize("kind", ["chain", "tree", "lookup", "medusa", "eagle"])
 def test_compiled_target_samples_its_distribution(pair, kind):
     """``compile=True``: the target's fused forward, and the draft model's or heads' fused passes, feed the same
     acceptance rule, so the same test holds."""

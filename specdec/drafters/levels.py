@@ -33,13 +33,12 @@ def catch_up(run: Callable, cache: TreeCache, start: torch.Tensor, end: torch.Te
 
 def resync(run: Callable, cache: TreeCache, start: torch.Tensor, end: torch.Tensor, span: int,
            inputs: Callable[[torch.Tensor], torch.Tensor]) -> int:
-    """``catch_up`` to column ``end`` (B,) however far behind the cache is, ``span`` columns per pass (the shape
-    the step's own catch-up compiled); rows already there are left as they are. Reads the device. Returns the
-    passes run."""
-    passes = 0
-    while int((end - cache.ends).max()) > 0:
+    """``catch_up`` to column ``end`` (B,) however far behind the cache is, in passes of ``span`` columns: the
+    shape the step's own catch-up runs (compiled once, and with room in the cache past its held length).
+    Rows already there are left as they are. Reads the device once. Returns the passes run."""
+    passes = max(-(-int((end - cache.ends).max()) // span), 0)
+    for _ in range(passes):
         catch_up(run, cache, start, torch.maximum(cache.ends, torch.minimum(end, cache.ends + span)), span, inputs)
-        passes += 1
     return passes
 
 
