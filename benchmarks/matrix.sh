@@ -19,7 +19,7 @@ OURS=("specdec: draft model" "specdec: prompt lookup" "specdec: medusa" "specdec
 THEIRS=("assisted: draft model" "assisted: prompt lookup" "gpt-fast: speculative")
 COMPILED=("specdec, no drafter, compiled" "specdec: draft model, compiled")
 COMPILED_ALL=("${COMPILED[@]}" "specdec: prompt lookup, compiled" "specdec: medusa, compiled" "specdec: eagle, compiled")
-ALWAYS=("specdec: draft model, always" "specdec: prompt lookup, always" "specdec: medusa, always" "specdec: eagle, always")
+AUTO=("specdec: draft model, auto" "specdec: prompt lookup, auto" "specdec: medusa, auto" "specdec: eagle, auto")
 
 install() {  # a copy of the checkout per job: later calls re-sync the working tree, and a job must not see edits
   mkdir -p "$W" && rm -rf "$W/src-$1" && cp -a . "$W/src-$1" && cd "$W/src-$1" || exit 1
@@ -60,8 +60,8 @@ tables() {
       profiles) echo "== profiles $(date -u +%FT%TZ)" >>"$W/bench.log"  # kernels per step per drafter, step compiled or not
                  python3 benchmarks/profile_step.py --out "$W/profile-eager.json" >>"$W/bench.log" 2>&1
                  python3 benchmarks/profile_step.py --compile --out "$W/profile-compiled.json" >>"$W/bench.log" 2>&1 ;;
-      auto) bench auto --prompts 64 --batch-sizes 32 1 64 --calls 2 --modes greedy --always \
-                 --only "${OURS[@]}" "${ALWAYS[@]}" ;;  # speculation="auto" (the default) against every step drafted
+      auto) bench auto --prompts 64 --batch-sizes 32 1 64 --calls 2 --modes greedy --auto \
+                 --only "${OURS[@]}" "${AUTO[@]}" ;;  # speculation="auto" against every step drafted (the default)
       demo) bench demo --prompts 64 --batch-sizes 1 4 16 64 --calls 2 --only "${OURS[@]}" "${THEIRS[@]}" ;;
       pair-b1) bench pair-b1 --prompts 8 --batch-sizes 1 --calls 4 --only "${OURS[@]}" ;;
       8b-b1-sample) bench 8b-b1-sample --shape llama-3-8b --draft-shape llama-3.2-1b --prompts 4 --batch-sizes 1 \

@@ -55,7 +55,7 @@ from specdec.forward import Prefix, cache_keyword, forward_nodes, prefill
 from specdec.graphs import StepGraphs
 from specdec.sampling import Sampling
 from specdec.sequences import Sequences
-from specdec.step import COUNTERS, compiled_keep_accepted, keep_accepted, verify_step
+from specdec.step import COUNTER_SIZE, compiled_keep_accepted, keep_accepted, verify_step
 from specdec.kernels import tree_attention as tree_kernel
 from specdec.tree import Tree
 
@@ -162,7 +162,7 @@ class StepBench:
         self.tree = tree_of(t, vocab, prompt[:, p])
         self.positions = p + self.tree.depth
         self.sampling = Sampling.from_config(GenerationConfig(do_sample=False))
-        self.counters = torch.zeros(len(COUNTERS), dtype=torch.long, device=device)
+        self.counters = torch.zeros(COUNTER_SIZE, dtype=torch.long, device=device)
         self.dynamic = DynamicCache(config=model.config)
         model(prompt[:, :p], **{cache_keyword(model): self.dynamic}, use_cache=True)
         self.prompt = prompt

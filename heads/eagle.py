@@ -152,6 +152,10 @@ class Eagle(Drafter):
         logits, feats = self._catch_up(seqs)
         return self._cut(seqs, *self._grow(seqs, logits, feats))
 
+    @property
+    def max_depth(self) -> int:
+        return self.depth
+
     def shapes(self) -> list[Drafter]:
         """This tree, and one with a quarter of its nodes, half its width and half its depth."""
         small = dict(top_k=max(1, self.top_k // 2), depth=max(1, (self.depth + 1) // 2),

@@ -69,13 +69,12 @@ class Strategy:
 
 
 def strategies(models: Models, *, draft_tokens: int = 6, lookup_tokens: int = 10, dynamic: bool | None = None,
-               compiled: bool = False, always: bool = False, peers: dict | None = None,
+               compiled: bool = False, auto: bool = False, peers: dict | None = None,
                max_length: int = 1024) -> list[Strategy]:
     """What ``models`` and ``peers`` ({"gpt-fast": path}) allow: drafters whose model or heads are missing are
     left out. ``dynamic`` adds each of ours again on the dynamic path, named "..., dynamic" (default: on a GPU,
     where the paths differ); ``compiled`` adds each with ``generate(compile=True)``, named "..., compiled";
-    ``always`` adds each drafter with ``speculation="always"`` (every step drafted: ours default to "auto"),
-    named "..., always".
+    ``auto`` adds each drafter with ``speculation="auto"`` (the others draft every step), named "..., auto".
     ``max_length``: the static cache's columns (prompt and new tokens of the longest row)."""
     target = models.target
     if dynamic is None:
@@ -91,8 +90,8 @@ def strategies(models: Models, *, draft_tokens: int = 6, lookup_tokens: int = 10
             found.append(Strategy(f"{name}, dynamic", OURS, _ours(target, drafter, fast_path=False)))
         if compiled:
             found.append(Strategy(f"{name}, compiled", OURS, _ours(target, drafter, compile=True), compiles=True))
-        if always and drafter is not None:
-            found.append(Strategy(f"{name}, always", OURS, _ours(target, drafter, speculation="always")))
+        if auto and drafter is not None:
+            found.append(Strategy(f"{name}, auto", OURS, _ours(target, drafter, speculation="auto")))
         if drafter is None:  # transformers' assisted generation after our loop's own cost
             if models.draft is not None:
                 found.append(Strategy("assisted: draft model", ASSISTED,

@@ -73,8 +73,8 @@ def _bench_parser(sub) -> None:
     bench.add_argument("--dynamic", action="store_true", help="also run each of ours on the dynamic path")
     bench.add_argument("--compiled", action="store_true",
                        help="also run each of ours with the target compiled (generate(compile=True))")
-    bench.add_argument("--always", action="store_true",
-                       help="also run each drafter drafting every step (speculation='always'; the default is 'auto')")
+    bench.add_argument("--auto", action="store_true",
+                       help="also run each drafter with speculation='auto' (the others draft every step)")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--out", help="write the record as JSON here, and the table as Markdown beside it")
 
@@ -179,7 +179,7 @@ def _bench(args, argv) -> None:
         record = bench.measure(models, prompts, modes=args.modes, batch_sizes=args.batch_sizes, calls=args.calls,
                                max_new_tokens=args.max_new_tokens, only=args.only, seed=args.seed, peers=peers,
                                draft_tokens=args.draft_tokens, lookup_tokens=args.lookup_tokens,
-                               compiled=args.compiled, always=args.always, dynamic=args.dynamic,
+                               compiled=args.compiled, auto=args.auto, dynamic=args.dynamic,
                                after_cell=save_partial)
     record = {"command": "specdec bench " + " ".join(argv[1:]), **bench.environment(models),
               "settings": {k: v for k, v in vars(args).items() if k not in ("command", "out")},

@@ -29,7 +29,7 @@ from .graphs import StepGraphs
 from .output import SpeculativeOutput, Stats
 from .sampling import Sampling
 from .sequences import Sequences
-from .step import COUNTERS, allow_recompiles, compiled_keep_accepted, keep_accepted, verify_step
+from .step import COUNTER_SIZE, COUNTERS, allow_recompiles, compiled_keep_accepted, keep_accepted, verify_step
 from .tree import Tree
 from .verify import verify
 
@@ -330,7 +330,7 @@ def _check_flags(fast_path, compile, fuse_projections, speculation) -> None:
 def _run(call: _Call):
     """The call's session, the prompt's pass, then verification steps until every row has finished."""
     model, stats = call.model, Stats()
-    session = sessions.open_session(model, call.input_ids, call.mask, call.max_new, len(COUNTERS), call.fixed,
+    session = sessions.open_session(model, call.input_ids, call.mask, call.max_new, COUNTER_SIZE, call.fixed,
                                     call.past_key_values, call.fuse_projections)
     with session:
         call.drafter = session.drafter(call.drafter)
@@ -410,13 +410,15 @@ def _modes(call: _Call, session) -> list[_Mode]:
 
 
 def _chooser(session, modes: list[_Mode]) -> Speculation | None:
-    """``speculation="auto"``'s choice of mode, with the session's rates when every mode's recipe is kept."""
+    """``speculation="auto"``'s choice of mode, with what the session keeps when every mode's recipe is kept."""
     if len(modes) == 1:
         return None
     kept = all(mode.key is not None for mode in modes)
-    new_tokens, device = COUNTERS.index("new_tokens"), session.seqs.end.device
-    return Speculation([mode.key for mode in modes] if kept else list(range(len(modes))),
-                       session.rates if kept else {}, lambda: (_sync(device), int(session.counters[new_tokens])))
+    depths = [None] + [0 if mode.drafter is None else mode.drafter.max_depth for mode in modes[1:]]
+    device = session.seqs.end.device
+    return Speculation([mode.key for mode in modes] if kept else list(range(len(modes))), depths,
+                       session.speculation if kept else {},
+                       lambda: (_sync(device), session.counters[len(COUNTERS):].tolist()))
 
 
 def _decode(call: _Call, session, stats: Stats, first: torch.Tensor) -> tuple[list[_Mode], _Mode | None]:

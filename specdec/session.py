@@ -83,7 +83,7 @@ class Session:
         self.weights = weights_of(model)
         self.kept: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # drafter model or head -> Kept
         self.recipes: dict = {}  # recipe -> {graph key: ``StepGraphs`` capture}, least recently used first
-        self.rates: dict = {}  # recipe -> tokens per second ``speculation="auto"`` measured (specdec.adaptive)
+        self.speculation: dict = {}  # the costs and acceptance ``speculation="auto"`` measured (specdec.adaptive)
         self.busy = False
 
     def fits(self, model, batch: int, rows: int, device, fuse_projections: bool) -> bool:
@@ -102,7 +102,7 @@ class Session:
         if owner is not None and (kept is None or kept.weights != weights_of(owner)):
             if kept is not None:
                 self.recipes.clear()
-                self.rates.clear()
+                self.speculation.clear()
             kept = self.kept[owner] = Kept(owner)
         drafter.kept = kept
         return drafter

@@ -31,8 +31,12 @@ def _new_token_count(acc, sampling: Sampling, room: torch.Tensor) -> torch.Tenso
     return torch.minimum(count, room)
 
 
-# Counters a step adds up on the device, so that keeping statistics reads nothing back per step.
+# Counters a step adds up on the device, so that keeping statistics reads nothing back per step. After them,
+# ``ACCEPTED_BINS`` more: how many active rows accepted 0, 1, ... drafted tokens in a step (the last bin: that
+# many or more), from which ``speculation="auto"`` predicts what a smaller tree would accept.
 COUNTERS = ("steps", "row_steps", "drafted_tokens", "accepted_tokens", "new_tokens")
+ACCEPTED_BINS = 16
+COUNTER_SIZE = len(COUNTERS) + ACCEPTED_BINS
 
 
 def keep_accepted(tree: Tree, logits: torch.Tensor, features: torch.Tensor | None, sampling: Sampling,
@@ -49,20 +53,22 @@ def keep_accepted(tree: Tree, logits: torch.Tensor, features: torch.Tensor | Non
         seqs.write_features(seqs.end - 1, features.gather(1, acc.path[..., None].expand(-1, -1, features.shape[-1])), count)
     seqs.append(acc.tokens, count)
     seqs.finished |= (seqs.end >= seqs.stop) | (sampling.is_eos(seqs.last) & (count > 0))
-    counters += torch.stack([
+    bins = torch.arange(ACCEPTED_BINS, device=count.device)
+    accepted = (acc.length - 1).clamp(max=ACCEPTED_BINS - 1)
+    counters += torch.cat([torch.stack([
         active.any().long(),
         active.sum(),
         (tree.valid[:, 1:] & active[:, None]).sum(),
         torch.where(active, acc.length - 1, 0).sum(),
         count.sum(),
-    ])
+    ]), ((accepted[:, None] == bins) & active[:, None]).sum(0)])
     return acc.path, torch.where(active, acc.length, 0), acc.tokens, count
 
 
 def verify_step(model, cache, seqs: Sequences, tree: Tree, sampling: Sampling, counters: torch.Tensor,
                 want_features: bool, keep=keep_accepted) -> tuple[torch.Tensor, torch.Tensor]:
     """One verification: the target runs once over ``tree``, each row's accepted path stays in ``cache``
-    and is appended to ``seqs``, and ``counters`` (see ``COUNTERS``) grow. Returns the new tokens (B, D)
+    and is appended to ``seqs``, and ``counters`` (``COUNTER_SIZE``: see ``COUNTERS``) grow. Returns the new tokens (B, D)
     and how many of them each row keeps. ``keep``: ``keep_accepted``, or ``compiled_keep_accepted()`` to go with
     a compiled ``model``.
 

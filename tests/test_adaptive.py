@@ -1,76 +1,108 @@
-"""``speculation="auto"`` (specdec.adaptive): the choice follows measured throughput, the output stays the
-target's through every switch between modes, and a drafter that sat out steps catches up exactly."""
+"""``speculation="auto"`` (specdec.adaptive): the choice follows the measured costs and acceptance, the output
+stays the target's through every switch between modes, and a drafter that sat out steps catches up exactly."""
 
 import pytest
 import torch
 
 import specdec
-from models import prompts, tiny
+from models import perturbed, prompts, tiny
 from specdec import adaptive, heads
 from specdec import session as sessions
+from specdec.step import ACCEPTED_BINS, COUNTERS
 from test_greedy import make_drafter
 from test_sampling import PROMPT, ROWS, SETTINGS, V, chi2_pvalue, make_drafter as sampling_drafter, warpers
 
 
-class Clock:
-    """A device whose steps take ``cost[mode]`` seconds and give ``tokens[mode]`` tokens: the policy alone."""
+@pytest.fixture
+def switching(monkeypatch):
+    """Round by round the modes in turn, whatever the measurements, in rounds of ``switching(steps)`` steps (1
+    unless called), none warmed: what the loop must get right through any sequence of choices."""
+    monkeypatch.setattr(adaptive, "WARM_STEPS", 0)
+    monkeypatch.setattr(adaptive.Speculation, "_choose", lambda self: self.rounds % len(self.keys))
 
-    def __init__(self, cost, tokens):
-        self.cost, self.tokens, self.now, self.new = cost, tokens, 0.0, 0
-        self.chooser = None
+    def rounds_of(steps: int) -> None:
+        monkeypatch.setattr(adaptive, "ROUND_STEPS", steps)
+    rounds_of(1)
+    return rounds_of
+
+
+class Device:
+    """A scripted device for the policy alone: a step of mode m takes ``cost[m]`` seconds, and each row accepts
+    ``accepted(step)`` drafted tokens in mode 0, at most a mode's depth in the others (the counters' bins)."""
+
+    def __init__(self, cost, depths, accepted):
+        self.cost, self.depths, self.accepted = cost, depths, accepted
+        self.now, self.bins = 0.0, [0] * ACCEPTED_BINS
 
     def __call__(self):
-        return self.now, self.new
+        return self.now, list(self.bins)
 
-    def run(self, steps):
+    def run(self, chooser, steps):
         chosen = []
-        for _ in range(steps):
-            mode = self.chooser.current
+        for step in range(steps):
+            mode = chooser.current
             chosen.append(mode)
             self.now += self.cost[mode]
-            self.new += self.tokens[mode]
-            self.chooser.stepped()
+            depth = self.depths[mode]
+            self.bins[self.accepted(step) if depth is None else min(self.accepted(step), depth)] += 1
+            chooser.stepped()
         return chosen
 
 
-def test_every_mode_is_tried_then_the_fastest_runs_and_the_others_are_retried():
-    clock = Clock(cost=[1.0, 1.0, 1.0], tokens=[2, 1, 3])  # mode 2 gives the most tokens per second
-    rates = {}
-    clock.chooser = adaptive.Speculation(["a", "b", "c"], rates, clock)
-    round_ = adaptive.WARM_STEPS + adaptive.ROUND_STEPS
-    chosen = clock.run(3 * round_ + adaptive.ROUND_STEPS * 2 * adaptive.EXPLORE_EVERY)
-    assert chosen[: 3 * round_] == [0] * round_ + [1] * round_ + [2] * round_  # tried in order, each warmed
-    assert rates == pytest.approx({"a": 2.0, "b": 1.0, "c": 3.0})  # warm-up steps are not timed
-    rounds = [chosen[3 * round_ + i] for i in range(0, len(chosen) - 3 * round_, adaptive.ROUND_STEPS)]
-    assert rounds.count(2) >= len(rounds) - 2 and {0, 1} <= set(rounds)  # the best, and each other retried
+MODES, DEPTHS = ["drafter", "plain", "half"], [None, 0, 2]
+ROUND = adaptive.WARM_STEPS + adaptive.ROUND_STEPS
 
 
-def test_a_mode_that_keeps_losing_is_measured_less_and_less_often():
-    clock = Clock(cost=[1.0, 1.0], tokens=[1, 4])
-    clock.chooser = adaptive.Speculation(["a", "b"], {}, clock)
-    chosen = clock.run(2 * (adaptive.WARM_STEPS + adaptive.ROUND_STEPS) + 200 * adaptive.ROUND_STEPS)
-    retried = [i for i in range(1, len(chosen)) if chosen[i] == 0 and chosen[i - 1] == 1]
+def test_each_mode_runs_once_for_its_cost_then_the_most_tokens_per_second_predicted():
+    device = Device(cost=[2.0, 1.0, 1.5], depths=DEPTHS, accepted=lambda step: 4)
+    kept = {}
+    chooser = adaptive.Speculation(MODES, DEPTHS, kept, device)
+    chosen = device.run(chooser, 3 * ROUND + 40 * adaptive.ROUND_STEPS)
+    assert chosen[: 3 * ROUND] == [0] * ROUND + [1] * ROUND + [2] * ROUND  # in order, each warmed first
+    assert {k: kept[("cost", k)] for k in MODES} == {"drafter": 2.0, "plain": 1.0, "half": 1.5}  # warm-up untimed
+    # 5 tokens in 2 s beat 1 in 1 s and 3 (a chain of 2 accepts both of the 4) in 1.5 s.
+    assert chooser.tokens_per_step(2) == 3 and set(chosen[3 * ROUND:]) == {0}
+
+
+def test_with_nothing_accepted_plain_decoding_runs_and_the_drafter_is_retried_less_and_less_often():
+    device = Device(cost=[2.0, 1.0, 1.5], depths=DEPTHS, accepted=lambda step: 0)
+    chooser = adaptive.Speculation(MODES, DEPTHS, {}, device)
+    chosen = device.run(chooser, 3 * ROUND + 200 * adaptive.ROUND_STEPS)
+    later = chosen[3 * ROUND:]
+    assert later.count(1) > 0.9 * len(later) and 2 not in later
+    retried = [i for i in range(1, len(later)) if later[i] == 0 and later[i - 1] == 1]
     gaps = [b - a for a, b in zip(retried, retried[1:])]
     assert len(gaps) >= 3 and all(b == 2 * a for a, b in zip(gaps, gaps[1:]))  # MAX_WAIT not reached here
 
 
-def test_a_later_call_starts_from_the_rates_kept():
-    clock = Clock(cost=[1.0, 1.0], tokens=[1, 4])
-    chooser = adaptive.Speculation(["a", "b"], {"a": 1.0, "b": 4.0}, clock)
-    assert chooser.current == 1
+def test_when_the_text_turns_predictable_the_drafter_takes_over_again():
+    turn = 3 * ROUND + 30 * adaptive.ROUND_STEPS
+    device = Device(cost=[2.0, 1.0, 1.5], depths=DEPTHS, accepted=lambda step: 0 if step < turn else 6)
+    chooser = adaptive.Speculation(MODES, DEPTHS, {}, device)
+    chosen = device.run(chooser, turn + 80 * adaptive.ROUND_STEPS)
+    assert 1 in chosen[3 * ROUND: turn] and set(chosen[-20 * adaptive.ROUND_STEPS:]) == {0}
 
 
-@pytest.fixture
-def switching(monkeypatch):
-    """Rounds of one step, none warmed, every other round a retry: the modes change nearly every step."""
-    monkeypatch.setattr(adaptive, "ROUND_STEPS", 1)
-    monkeypatch.setattr(adaptive, "WARM_STEPS", 0)
-    monkeypatch.setattr(adaptive, "EXPLORE_EVERY", 2)
+def test_a_later_call_starts_from_what_the_session_kept():
+    kept = {("cost", "drafter"): 2.0, ("cost", "plain"): 1.0, ("cost", "half"): 1.5,
+            ("accepted", "drafter"): [1.0] + [0.0] * (ACCEPTED_BINS - 1)}
+    device = Device(cost=[2.0, 1.0, 1.5], depths=DEPTHS, accepted=lambda step: 0)
+    assert adaptive.Speculation(MODES, DEPTHS, kept, device).current == 1
+
+
+def test_the_step_counts_each_rows_accepted_length():
+    target = tiny()
+    ids, mask = prompts(3, 6, seed=2)
+    out = specdec.generate(target, ids, attention_mask=mask, drafter=specdec.DraftModel(perturbed(target), 4),
+                           max_new_tokens=40, fast_path=True, return_dict_in_generate=True)
+    bins = sessions._sessions[target].counters[len(COUNTERS):].tolist()
+    assert sum(bins) == out.stats.row_steps and bins[4] > 0
+    assert sum(length * n for length, n in enumerate(bins)) == out.stats.accepted_tokens
 
 
 def test_auto_stops_drafting_when_drafting_costs_more_than_it_gains():
-    """A draft model far costlier than the target and unrelated to it: auto soon decodes plainly, and keeps
-    that choice for the next call on the session."""
+    """A draft model far costlier than the target and unrelated to it: auto soon decodes plainly, and the next
+    call on the session starts there."""
     target = tiny()
     draft = tiny(seed=7, hidden_size=192, intermediate_size=768, num_hidden_layers=6, num_attention_heads=6,
                  num_key_value_heads=6)
@@ -80,8 +112,8 @@ def test_auto_stops_drafting_when_drafting_costs_more_than_it_gains():
     first = specdec.generate(target, ids, **options)
     assert torch.equal(first.sequences, target.generate(ids, attention_mask=mask, max_new_tokens=160, eos_token_id=None))
     assert first.stats.plain_steps > 0.6 * first.stats.steps
-    rates = sessions._sessions[target].rates
-    assert max(rates, key=rates.get)[0] == ("none",)  # the plain mode's recipe
+    costs = {key[1][0]: cost for key, cost in sessions._sessions[target].speculation.items() if key[0] == "cost"}
+    assert costs[("none",)] < min(cost for drafted, cost in costs.items() if drafted != ("none",))  # plain: cheapest
     again = specdec.generate(target, ids, **options)
     assert again.stats.plain_steps > 0.8 * again.stats.steps
     assert torch.equal(again.sequences, first.sequences)
@@ -135,7 +167,7 @@ def drafted_trees(monkeypatch, drafter_type):
 
 
 @pytest.mark.parametrize("kind", ["draft", "eagle"])
-def test_a_drafter_that_sat_out_steps_drafts_what_it_would_have(monkeypatch, kind):
+def test_a_drafter_that_sat_out_steps_drafts_what_it_would_have(monkeypatch, switching, kind):
     """After plain steps or another shape's, the draft model's or EAGLE head's cache is brought up to the
     sequence: its cache and the trees it drafts then equal those at the same sequence when it drafted every
     step (an unrelated draft accepts little, so that run drafts at nearly every length)."""
@@ -149,9 +181,7 @@ def test_a_drafter_that_sat_out_steps_drafts_what_it_would_have(monkeypatch, kin
     always = dict(trees)
     trees.clear()
     # Rounds of 6 steps: a stretch of plain steps puts the drafter further behind than a step's catch-up feeds.
-    monkeypatch.setattr(adaptive, "ROUND_STEPS", 6)
-    monkeypatch.setattr(adaptive, "WARM_STEPS", 0)
-    monkeypatch.setattr(adaptive, "EXPLORE_EVERY", 2)
+    switching(6)
     specdec.generate(target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=100, speculation="auto")
     compared = [p for p in trees if p in always and len(trees[p][0]) == len(always[p][0])]
     assert len(set(compared) & after_resync) >= 3

@@ -45,6 +45,14 @@ def test_bench_runs_every_strategy_and_greedy_text_matches_generate(models):
     assert bench.table(record["results"]).count("\n") == len(record["results"]) + 1
 
 
+def test_bench_auto_runs_each_drafter_under_auto_beside_it(models):
+    record = bench.measure(models, models.prompts(1), max_new_tokens=8, modes=["greedy"], auto=True, progress=False,
+                           only=["specdec: prompt lookup", "specdec: prompt lookup, auto"])
+    rows = {r["strategy"]: r for r in record["results"]}
+    assert {"specdec: prompt lookup", "specdec: prompt lookup, auto"} <= set(rows)
+    assert rows["specdec: prompt lookup, auto"]["same_text"] is True
+
+
 def test_bench_speedups_are_against_the_fastest_baseline_and_our_no_drafter_path(models):
     record = bench.measure(models, models.prompts(2), modes=("greedy",), max_new_tokens=8, progress=False,
                            only=["specdec: prompt lookup"])

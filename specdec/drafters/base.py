@@ -39,6 +39,7 @@ class Drafter:
     drafts_in_step: bool = False
     fixed_nodes: int | None = None  # the node count of every tree, for a drafter that drafts in the step
     forwards_per_step: int = 0  # forward passes per ``propose`` in the step (a replayed graph runs no Python)
+    max_depth: int | None = None  # the most drafted tokens one step can accept (its trees' depth), where known
     # True for drafters that read the target's features (``Sequences.features``): the engine then captures
     # them in every target pass, the prompt's included.
     wants_features: bool = False

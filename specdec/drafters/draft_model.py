@@ -81,6 +81,10 @@ class DraftModel(Drafter):
         self.cache.hold(seqs.limit)
         self.stepping = self.compiled(self.model)
 
+    @property
+    def max_depth(self) -> int:
+        return self.num_draft_tokens
+
     def shapes(self) -> list[Drafter]:
         n = self.num_draft_tokens
         return [self] + ([self.reshaped(num_draft_tokens=n // 2)] if n > 1 else [])

@@ -40,6 +40,10 @@ class PromptLookup(Drafter):
     def settings(self) -> tuple:
         return self.num_draft_tokens, self.max_ngram, self.min_ngram, self.tree_width
 
+    @property
+    def max_depth(self) -> int:
+        return self.num_draft_tokens
+
     def shapes(self) -> list[Drafter]:
         n = self.num_draft_tokens
         return [self] + ([self.reshaped(num_draft_tokens=n // 2)] if n > 1 else [])
