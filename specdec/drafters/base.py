@@ -102,3 +102,18 @@ class Drafter:
 
     def end(self) -> None:
         """Release per-call state once the call ends, normally or not."""
+
+
+class FixedDepth(Drafter):
+    """A drafter whose trees are ``num_draft_tokens`` levels deep; ``speculation="auto"`` may also draft half as
+    many (a prefix of the same chain, for a chain)."""
+
+    num_draft_tokens: int
+
+    @property
+    def max_depth(self) -> int:
+        return self.num_draft_tokens
+
+    def shapes(self) -> list[Drafter]:
+        n = self.num_draft_tokens
+        return [self] + ([self.reshaped(num_draft_tokens=n // 2)] if n > 1 else [])

@@ -11,11 +11,11 @@ from ..forward import Prefix, check_model, extend_chains, forward_nodes, prefill
 from ..sampling import Sampling
 from ..sequences import Sequences
 from ..tree import Tree
-from .base import Drafter, require_positive
+from .base import FixedDepth, require_positive
 from .levels import Levels, catch_up, resync
 
 
-class DraftModel(Drafter):
+class DraftModel(FixedDepth):
     """Drafts ``num_draft_tokens`` levels with ``model``.
 
     Each level keeps the ``tree_width`` nodes with the highest draft probability of their path and gives
@@ -80,14 +80,6 @@ class DraftModel(Drafter):
         self.cache.ends.fill_(width - 1)  # the draft's cached tokens end there
         self.cache.hold(seqs.limit)
         self.stepping = self.compiled(self.model)
-
-    @property
-    def max_depth(self) -> int:
-        return self.num_draft_tokens
-
-    def shapes(self) -> list[Drafter]:
-        n = self.num_draft_tokens
-        return [self] + ([self.reshaped(num_draft_tokens=n // 2)] if n > 1 else [])
 
     def resync(self, seqs: Sequences) -> None:
         self.forwards += resync(*self._chains(seqs, seqs.end - 1))  # the step's catch-up feeds the root

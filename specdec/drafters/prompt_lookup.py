@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 from ..sequences import Sequences
 from ..tree import Tree
-from .base import Drafter, require_positive
+from .base import FixedDepth, require_positive
 
 
-class PromptLookup(Drafter):
+class PromptLookup(FixedDepth):
     """Drafts the tokens that followed earlier occurrences of the last n tokens.
 
     Tries n from ``max_ngram`` down to ``min_ngram`` and takes up to ``tree_width`` distinct continuations
@@ -39,14 +39,6 @@ class PromptLookup(Drafter):
 
     def settings(self) -> tuple:
         return self.num_draft_tokens, self.max_ngram, self.min_ngram, self.tree_width
-
-    @property
-    def max_depth(self) -> int:
-        return self.num_draft_tokens
-
-    def shapes(self) -> list[Drafter]:
-        n = self.num_draft_tokens
-        return [self] + ([self.reshaped(num_draft_tokens=n // 2)] if n > 1 else [])
 
     def propose(self, seqs: Sequences) -> Tree:
         keys = match_keys(seqs.tokens, seqs.start, seqs.end, self.min_ngram, self.max_ngram, self.num_draft_tokens)
