@@ -55,9 +55,10 @@ tables() {
       verify-batches) echo "== verify-batches $(date -u +%FT%TZ)" >>"$W/bench.log"  # a step's cost by rows and tree size
                  python3 benchmarks/verify_step.py --B 1 16 64 --P 512 --T 1 16 64 --steps 10 \
                      --out "$W/verify-batches.json" >>"$W/bench.log" 2>&1 ;;
-      verify-8b) echo "== verify-8b $(date -u +%FT%TZ)" >>"$W/bench.log"  # the 8B step against its floor, with kernels
-                 python3 benchmarks/verify_step.py --P 4096 --T 16 --profile --out "$W/verify-8b.json" >>"$W/bench.log" 2>&1 ;;
-      profiles) echo "== profiles $(date -u +%FT%TZ)" >>"$W/bench.log"  # kernels per step per drafter, step compiled or not
+      verify-8b) echo "== verify-8b $(date -u +%FT%TZ)" >>"$W/bench.log"  # the 8B step against its floor, kernels
+                 python3 benchmarks/verify_step.py --P 4096 --T 16 --profile --out "$W/verify-8b.json" \
+                     >>"$W/bench.log" 2>&1 ;;
+      profiles) echo "== profiles $(date -u +%FT%TZ)" >>"$W/bench.log"  # kernels per step per drafter, compiled or not
                  python3 benchmarks/profile_step.py --out "$W/profile-eager.json" >>"$W/bench.log" 2>&1
                  python3 benchmarks/profile_step.py --compile --out "$W/profile-compiled.json" >>"$W/bench.log" 2>&1 ;;
       auto) bench auto --prompts 64 --batch-sizes 32 1 64 --calls 2 --modes greedy --auto \

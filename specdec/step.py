@@ -68,9 +68,9 @@ def keep_accepted(tree: Tree, logits: torch.Tensor, features: torch.Tensor | Non
 def verify_step(model, cache, seqs: Sequences, tree: Tree, sampling: Sampling, counters: torch.Tensor,
                 want_features: bool, keep=keep_accepted) -> tuple[torch.Tensor, torch.Tensor]:
     """One verification: the target runs once over ``tree``, each row's accepted path stays in ``cache``
-    and is appended to ``seqs``, and ``counters`` (``COUNTER_SIZE``: see ``COUNTERS``) grow. Returns the new tokens (B, D)
-    and how many of them each row keeps. ``keep``: ``keep_accepted``, or ``compiled_keep_accepted()`` to go with
-    a compiled ``model``.
+    and is appended to ``seqs``, and ``counters`` (``COUNTER_SIZE``: see ``COUNTERS``) grow. Returns the new
+    tokens (B, D) and how many of them each row keeps. ``keep``: ``keep_accepted``, or ``compiled_keep_accepted()``
+    to go with a compiled ``model``.
 
     Every write is in place, and with the cache held at a fixed length (``TreeCache.hold``) nothing reads
     the device, so a CUDA graph can capture the whole step (:mod:`specdec.graphs`). Otherwise the tree goes

@@ -110,7 +110,8 @@ def test_auto_stops_drafting_when_drafting_costs_more_than_it_gains():
     options = dict(attention_mask=mask, drafter=specdec.DraftModel(draft, num_draft_tokens=4), max_new_tokens=160,
                    eos_token_id=None, return_dict_in_generate=True, fast_path=True, speculation="auto")
     first = specdec.generate(target, ids, **options)
-    assert torch.equal(first.sequences, target.generate(ids, attention_mask=mask, max_new_tokens=160, eos_token_id=None))
+    expected = target.generate(ids, attention_mask=mask, max_new_tokens=160, eos_token_id=None)
+    assert torch.equal(first.sequences, expected)
     assert first.stats.plain_steps > 0.6 * first.stats.steps
     costs = {key[1][0]: cost for key, cost in sessions._sessions[target].speculation.items() if key[0] == "cost"}
     assert costs[("none",)] < min(cost for drafted, cost in costs.items() if drafted != ("none",))  # plain: cheapest
