@@ -13,7 +13,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Hashable
+from typing import Callable, Hashable
 
 import torch
 from transformers.cache_utils import DynamicCache
@@ -224,10 +224,11 @@ def generate(
     buffer, without copying the model or changing its parameters' names or values.
 
     ``speculation``: "always" (default) drafts every step with the drafter as given. "auto" chooses, as the call
-    runs, between the drafter as given, plain decoding and the drafter's smaller trees, from the tokens per
-    second each gives in this call and gave in earlier ones on the same kept session (:mod:`specdec.adaptive`);
-    seeded sampling then follows the timing. Either way the output is the target's. "auto" is not the default
-    yet: on an H200 it measured slower than "always" at batch 1 (docs/benchmarks.md).
+    runs, between the drafter as given, plain decoding and the drafter's smaller trees, by the tokens per second
+    it predicts for each from their measured cost per step and the drafter's measured acceptance, kept in the
+    session for later calls (:mod:`specdec.adaptive`); seeded sampling then follows the timing. Either way the
+    output is the target's. "auto" is not the default yet: an earlier design of it measured slower than "always"
+    at batch 1 on an H200, and this one is not measured (docs/benchmarks.md).
     """
     call = _resolve(model, input_ids, attention_mask, drafter, assistant_model, prompt_lookup_num_tokens,
                     generation_config, streamer, past_key_values if cache is None else cache,
@@ -373,11 +374,13 @@ def _prefill(call: _Call, session, stats: Stats) -> torch.Tensor:
 @dataclass
 class _Mode:
     """One way ``_decode`` runs a step: a shape of the drafter, or plain decoding (``drafter`` None), with the
-    graphs kept for it (under ``key``, its recipe) and how many steps it ran in this call."""
+    graphs kept for it (under ``key``, its recipe), the step a graph captures, and how many steps it ran in
+    this call."""
 
     drafter: Drafter | None
     graphs: StepGraphs
     key: Hashable
+    step: Callable  # (tree or None) -> (tokens, count): the verification step, drafting with ``drafter``
     ran: int = 0
 
     @property
@@ -392,10 +395,10 @@ class _Mode:
         return "drafted", 1 if self.drafter is None else self.drafter.fixed_nodes
 
 
-def _modes(call: _Call, session) -> list[_Mode]:
-    """The drafter as given; under ``speculation="auto"`` then plain decoding and the drafter's smaller shapes.
-    A step that cannot be captured turns graphs off for every mode, and lets go of the fixed shapes unless
-    the caller asked for them."""
+def _modes(call: _Call, session, step: Callable) -> list[_Mode]:
+    """The drafter as given; under ``speculation="auto"`` then plain decoding and the drafter's smaller shapes,
+    each running ``step(drafter, tree)``. A step that cannot be captured turns graphs off for every mode, and
+    lets go of the fixed shapes unless the caller asked for them."""
     def fall_back() -> None:
         for mode in modes:
             mode.graphs.enabled = False
@@ -404,8 +407,9 @@ def _modes(call: _Call, session) -> list[_Mode]:
 
     cache, drafter = session.cache, call.drafter
     drafters = [drafter] if drafter is None or call.speculation == "always" else [drafter, None, *drafter.shapes()[1:]]
-    modes = [_Mode(d, StepGraphs(call.graphs_on, fall_back, session.graphs(call.recipe(d))), call.recipe(d))
-             for d in drafters]
+    recipes = [call.recipe(d) for d in drafters]
+    modes = [_Mode(d, StepGraphs(call.graphs_on, fall_back, session.graphs(r)), r, functools.partial(step, d))
+             for d, r in zip(drafters, recipes)]
     return modes
 
 
@@ -435,7 +439,7 @@ def _decode(call: _Call, session, stats: Stats, first: torch.Tensor) -> tuple[li
         tree = tree if tree is not None else drafter.propose(seqs) if drafter is not None else Tree.root_only(seqs.last)
         return verify_step(target, cache, seqs, tree, call.sampling, session.counters, call.want_features, keep)
 
-    modes = _modes(call, session)
+    modes = _modes(call, session, step)
     chooser, mode = _chooser(session, modes), None
     if streamer is not None:
         streamer.put(call.input_ids.cpu())
@@ -448,7 +452,7 @@ def _decode(call: _Call, session, stats: Stats, first: torch.Tensor) -> tuple[li
         tree = None if mode.drafts_in_step else mode.drafter.propose(seqs)
         t1 = t0 if tree is None else _sync(seqs.end.device)
         key = (mode.in_step if tree is None else tree.shape, session.sizes())
-        tokens, count = mode.graphs.run(functools.partial(step, mode.drafter), key, tree)
+        tokens, count = mode.graphs.run(mode.step, key, tree)
         mode.ran += 1
         all_finished.copy()
         if streamer is not None:
