@@ -150,7 +150,7 @@ class StepBench:
     def __init__(self, model, p: int, t: int, compile_mode: str | None = None, batch: int = 1):
         device, vocab = model.device, model.config.vocab_size
         self.model, self.p = model, p
-        self.compiled_model = torch.compile(model, mode=compile_mode)  # compiles at its first call
+        self.compiled_model = torch.compile(model, mode=compile_mode, dynamic=False)  # compiles at its first call
         prompt = torch.randint(vocab, (batch, p + 1), device=device)
         self.start = torch.zeros(batch, dtype=torch.long, device=device)
         # A sequence of P + 1 tokens, the last the tree's root; one cache for each path, P tokens each.

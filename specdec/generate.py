@@ -216,8 +216,8 @@ def generate(
     layer, the acceptance after it, and the drafter's own passes (a draft model, Medusa heads, EAGLE's
     decoder). It raises Dynamo's per-frame recompile limit to 64 for the process. The first call compiles
     (seconds for small models, minutes for large ones); later calls that fit the kept buffers reuse it whatever
-    their prompt's length, and one that needs larger buffers recompiles once. It implies the fixed-shape step,
-    on a CPU too.
+    their prompt's length, and one that needs larger buffers, or another batch size, compiles once more: every
+    graph is static, which a CUDA graph can capture. It implies the fixed-shape step, on a CPU too.
 
     ``fuse_projections`` (default True) runs each layer's q/k/v projections, and its gate/up projections, as
     one GEMM during the call (:mod:`specdec.fusion`): the first call moves each group's weights into one
@@ -432,7 +432,7 @@ def _decode(call: _Call, session, stats: Stats, first: torch.Tensor) -> tuple[li
     # Compiled only where shapes are fixed: a held cache (a failed capture lets go of it).
     if call.compile:
         allow_recompiles()
-    fused = (torch.compile(model), compiled_keep_accepted()) if call.compile else (model, keep_accepted)
+    fused = (torch.compile(model, dynamic=False), compiled_keep_accepted()) if call.compile else (model, keep_accepted)
 
     def step(drafter: Drafter | None, tree: Tree | None):
         target, keep = fused if cache.held is not None else (model, keep_accepted)

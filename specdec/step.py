@@ -97,4 +97,4 @@ def allow_recompiles() -> None:
 def compiled_keep_accepted():
     """``keep_accepted`` fused by ``torch.compile``, one per process (made on first use: compiling is lazy,
     but importing Dynamo is not)."""
-    return torch.compile(keep_accepted)
+    return torch.compile(keep_accepted, dynamic=False)

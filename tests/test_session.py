@@ -9,7 +9,7 @@ import torch
 
 import specdec
 from specdec import session as sessions
-from models import perturbed, prompts, tiny
+from models import PAD, perturbed, prompts, tiny
 from test_greedy import make_drafter
 
 KINDS = ["none", "draft_tree", "lookup_tree", "medusa", "eagle"]
@@ -152,6 +152,24 @@ def test_compiled_calls_with_prompts_of_new_lengths_do_not_recompile(kind):
         compiled.append(_graphs_compiled() - before)
         assert torch.equal(got, target.generate(ids, attention_mask=mask, max_new_tokens=new))
     assert compiled[0] > 0 and compiled[1:] == [0, 0, 0]
+
+
+def test_compiled_calls_of_a_new_batch_size_get_static_graphs():
+    """Each batch size compiles its own static step: a second batch size made Dynamo mark the batch dimension
+    dynamic ("automatic dynamic"), and a third then reused that symbolic graph, which CUDA graphs failed to
+    capture on a GPU (docs/benchmarks.md, the 8B step by rows)."""
+    from specdec.bench import _graphs_compiled
+
+    torch._dynamo.reset()
+    target = tiny("llama")
+    compiled = []
+    for batch in (1, 3, 5):
+        ids, mask = prompts(batch, 6, batch)
+        before = _graphs_compiled()
+        got = specdec.generate(target, ids, attention_mask=mask, max_new_tokens=6, compile=True, pad_token_id=PAD)
+        compiled.append(_graphs_compiled() - before)
+        assert torch.equal(got, target.generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=PAD))
+    assert all(n > 0 for n in compiled), compiled
 
 
 @pytest.mark.parametrize("moved", ["target", "draft"])

@@ -69,7 +69,7 @@ class Drafter:
     def compiled(self, module):
         """``module`` for the step's fixed-shape passes: fused by ``torch.compile`` when the call compiles, as
         the target is, so that drafting is not hundreds of small kernels beside a fused verification."""
-        return torch.compile(module) if self.compile else module
+        return torch.compile(module, dynamic=False) if self.compile else module
 
     def shapes(self) -> list["Drafter"]:
         """The shapes ``speculation="auto"`` may choose among, after ``begin``: this drafter, then smaller trees
