@@ -156,8 +156,8 @@ def test_compiled_calls_with_prompts_of_new_lengths_do_not_recompile(kind):
 
 def test_compiled_calls_of_a_new_batch_size_get_static_graphs():
     """Each batch size compiles its own static step: a second batch size made Dynamo mark the batch dimension
-    dynamic ("automatic dynamic"), and a third then reused that symbolic graph, which CUDA graphs failed to
-    capture on a GPU (docs/benchmarks.md, the 8B step by rows)."""
+    dynamic ("automatic dynamic"), and a third then reused that symbolic graph, where the step a CUDA graph
+    captures has fixed shapes."""
     from specdec.bench import _graphs_compiled
 
     torch._dynamo.reset()
