@@ -55,7 +55,7 @@ from specdec.forward import Prefix, cache_keyword, forward_nodes, prefill
 from specdec.graphs import StepGraphs
 from specdec.sampling import Sampling
 from specdec.sequences import Sequences
-from specdec.step import COUNTER_SIZE, compiled_keep_accepted, keep_accepted, verify_step
+from specdec.step import COUNTER_SIZE, allow_recompiles, compiled_keep_accepted, keep_accepted, verify_step
 from specdec.kernels import tree_attention as tree_kernel
 from specdec.tree import Tree
 
@@ -150,6 +150,7 @@ class StepBench:
     def __init__(self, model, p: int, t: int, compile_mode: str | None = None, batch: int = 1):
         device, vocab = model.device, model.config.vocab_size
         self.model, self.p = model, p
+        allow_recompiles()  # a static graph per (B, T), more than Dynamo's default 8
         self.compiled_model = torch.compile(model, mode=compile_mode, dynamic=False)  # compiles at its first call
         prompt = torch.randint(vocab, (batch, p + 1), device=device)
         self.start = torch.zeros(batch, dtype=torch.long, device=device)

@@ -68,7 +68,9 @@ class StepGraphs:
         if self.captured.get(key) is None:
             if key not in self.captured:
                 self.captured[key] = None
-                return self._eager_on_side_stream(step, tree)
+                # In the input buffers' layout, as the capture will see it: a compiled step guards on strides,
+                # and recompiling inside the capture fails it (an expanded tree tensor, cloned dense).
+                return self._eager_on_side_stream(step, None if tree is None else _inputs(tree))
             try:
                 self.captured[key] = self._capture(step, tree)
             except Exception as error:  # noqa: BLE001 - any capture failure means: run without graphs

@@ -132,6 +132,32 @@ def test_steps_replay_captured_graphs(monkeypatch, kind, path):
     assert out.stats.target_forwards == 1 + out.stats.steps  # the prompt's pass, then one per counted step
 
 
+class Repeat(specdec.Drafter):
+    """Drafts each row's last token three more times, on the host, with one ``parents`` row for the batch
+    (stride 0), as a hand-written drafter may."""
+
+    max_depth = 3
+
+    def propose(self, seqs):
+        batch = seqs.last.shape[0]
+        parents = torch.arange(-1, 3, device=seqs.last.device).expand(batch, -1)
+        valid = torch.ones(batch, 4, dtype=torch.bool, device=seqs.last.device)
+        valid[:, 1:] &= ~seqs.finished[:, None]
+        return specdec.Tree(seqs.last[:, None].expand(-1, 4).clone(), parents, valid, max_depth=3, max_children=1)
+
+
+def test_compiled_step_captures_a_tree_of_expanded_tensors():
+    """The warm-up step saw the drafter's expanded tensors and the capture their dense copies, so the compiled
+    step recompiled inside the capture, which failed it ("BackendCompilerFailed"): the call ran uncaptured."""
+    model = tiny("llama").to("cuda")
+    ids, mask = [t.cuda() for t in prompts(2, 9, 0)]
+    expected = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=24)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*cannot be captured")
+        got = specdec.generate(model, ids, attention_mask=mask, drafter=Repeat(), max_new_tokens=24, compile=True)
+    assert torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("kind,path", [("none", "graphs"), ("lookup", "graphs"), ("assistant", "graphs"),
                                        ("medusa", "graphs"), ("eagle", "graphs"), ("eagle", "compiled")])
 def test_later_calls_replay_steps_captured_before(monkeypatch, kind, path):
