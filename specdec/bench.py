@@ -136,7 +136,8 @@ def _ours(target, drafter, **options):
                        **options, **kw)
         s = res.stats
         return res.sequences, {"forwards": s.target_forwards, "drafted": s.drafted_tokens,
-                               "accepted": s.accepted_tokens, "row_steps": s.row_steps}
+                               "accepted": s.accepted_tokens, "row_steps": s.row_steps, "steps": s.steps,
+                               "plain_steps": s.plain_steps}
     return run
 
 
@@ -312,6 +313,7 @@ def _cell(models: Models, strategy: Strategy, batches: list[dict], kwargs: dict,
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     tokens, seconds, passes, row_passes, tau_tokens, drafted, accepted, rows, outputs = 0, 0.0, 0, 0, 0, 0, 0, 0, []
+    steps = plain_steps = 0
     for n, x in enumerate(batches):
         times = []
         for _ in range(repeats):
@@ -332,6 +334,8 @@ def _cell(models: Models, strategy: Strategy, batches: list[dict], kwargs: dict,
             tau_tokens += counts["accepted"] + counts["row_steps"] if "row_steps" in counts else count
             drafted += counts["drafted"]
             accepted += counts["accepted"]
+            steps += counts.get("steps", 0)
+            plain_steps += counts.get("plain_steps", 0)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     compiled_while_timed = _graphs_compiled() - compiled_before
     torch.manual_seed(seed)
@@ -341,6 +345,7 @@ def _cell(models: Models, strategy: Strategy, batches: list[dict], kwargs: dict,
         "rows": rows, "tokens": tokens, "seconds": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 2),
         "target_forwards": passes or None, "tau": round(tau_tokens / row_passes, 3) if row_passes else 1.0,
         "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
+        "plain_share": round(plain_steps / steps, 3) if steps else None,
         "peak_gb": None if peak is None else round(peak, 2),
         "gpu_busy": None if busy is None else round(min(busy / (seconds / len(batches)), 1.0), 3),
         "compiled_while_timed": compiled_while_timed,

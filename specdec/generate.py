@@ -20,7 +20,7 @@ from transformers.cache_utils import DynamicCache
 
 from . import features, guard
 from . import session as sessions
-from .adaptive import Speculation
+from .adaptive import DeviceClock, Speculation
 from .drafters.base import Drafter, require_positive
 from .drafters.draft_model import DraftModel
 from .drafters.prompt_lookup import PromptLookup
@@ -227,8 +227,9 @@ def generate(
     runs, between the drafter as given, plain decoding and the drafter's smaller trees, by the tokens per second
     it predicts for each from their measured cost per step and the drafter's measured acceptance, kept in the
     session for later calls (:mod:`specdec.adaptive`); seeded sampling then follows the timing. Either way the
-    output is the target's. "auto" is not the default yet: an earlier design of it measured slower than "always"
-    at batch 1 on an H200, and this one is not measured (docs/benchmarks.md).
+    output is the target's. "auto" is not the default yet: on an H200 the design before this one ran below plain
+    decoding where it chose plain decoding, and below "always" at batch 1; this one is not measured
+    (docs/benchmarks.md).
     """
     call = _resolve(model, input_ids, attention_mask, drafter, assistant_model, prompt_lookup_num_tokens,
                     generation_config, streamer, past_key_values if cache is None else cache,
@@ -419,10 +420,8 @@ def _chooser(session, modes: list[_Mode]) -> Speculation | None:
         return None
     kept = all(mode.key is not None for mode in modes)
     depths = [None] + [0 if mode.drafter is None else mode.drafter.max_depth for mode in modes[1:]]
-    device = session.seqs.end.device
     return Speculation([mode.key for mode in modes] if kept else list(range(len(modes))), depths,
-                       session.speculation if kept else {},
-                       lambda: (_sync(device), session.counters[len(COUNTERS):].tolist()))
+                       session.speculation if kept else {}, DeviceClock(session.counters[len(COUNTERS):]))
 
 
 def _decode(call: _Call, session, stats: Stats, first: torch.Tensor) -> tuple[list[_Mode], _Mode | None]:
@@ -465,6 +464,8 @@ def _decode(call: _Call, session, stats: Stats, first: torch.Tensor) -> tuple[li
             chooser.stepped()
         stats.draft_seconds += t1 - t0
         stats.verify_seconds += time.perf_counter() - t1
+    if chooser is not None:
+        chooser.finish()
     if streamer is not None:
         streamer.end()
     return modes, mode

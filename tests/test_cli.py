@@ -51,6 +51,8 @@ def test_bench_auto_runs_each_drafter_under_auto_beside_it(models):
     rows = {r["strategy"]: r for r in record["results"]}
     assert {"specdec: prompt lookup", "specdec: prompt lookup, auto"} <= set(rows)
     assert rows["specdec: prompt lookup, auto"]["same_text"] is True
+    assert rows["specdec: prompt lookup"]["plain_share"] == 0 and rows["specdec, no drafter"]["plain_share"] == 1
+    assert 0 <= rows["specdec: prompt lookup, auto"]["plain_share"] <= 1
 
 
 def test_bench_speedups_are_against_the_fastest_baseline_and_our_no_drafter_path(models):

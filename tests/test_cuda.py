@@ -132,6 +132,26 @@ def test_steps_replay_captured_graphs(monkeypatch, kind, path):
     assert out.stats.target_forwards == 1 + out.stats.steps  # the prompt's pass, then one per counted step
 
 
+@pytest.mark.parametrize("kind", ["lookup", "draft"])
+def test_auto_times_rounds_on_the_device(monkeypatch, kind):
+    """``speculation="auto"`` on a GPU: rounds timed by CUDA events and read a round late (``DeviceClock``),
+    every mode measured, and the text ``generate``'s through the switches."""
+    from specdec import adaptive, session as sessions
+
+    monkeypatch.setattr(adaptive, "ROUND_STEPS", 3)
+    model = tiny("llama")
+    draft = perturbed(model).to("cuda")
+    model.to("cuda")
+    drafter = specdec.PromptLookup(4) if kind == "lookup" else specdec.DraftModel(draft, 3)
+    ids, mask = [t.cuda() for t in prompts(2, 9, 0)]
+    expected = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=60, eos_token_id=None)
+    got = specdec.generate(model, ids, attention_mask=mask, drafter=drafter, max_new_tokens=60, eos_token_id=None,
+                           speculation="auto")
+    assert torch.equal(got, expected)
+    costs = [v for k, v in sessions._sessions[model].speculation.items() if k[0] == "cost"]
+    assert len(costs) == 3 and all(0 < cost < 1 for cost in costs)
+
+
 class Repeat(specdec.Drafter):
     """Drafts each row's last token three more times, on the host, with one ``parents`` row for the batch
     (stride 0), as a hand-written drafter may."""
