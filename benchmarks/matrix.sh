@@ -61,7 +61,7 @@ tables() {
       profiles) echo "== profiles $(date -u +%FT%TZ)" >>"$W/bench.log"  # kernels per step per drafter, compiled or not
                  python3 benchmarks/profile_step.py --out "$W/profile-eager.json" >>"$W/bench.log" 2>&1
                  python3 benchmarks/profile_step.py --compile --out "$W/profile-compiled.json" >>"$W/bench.log" 2>&1 ;;
-      auto) bench auto --prompts 64 --batch-sizes 32 1 64 --calls 2 --modes greedy --auto \
+      auto) bench auto --prompts 64 --batch-sizes 32 1 64 --calls 8 --modes greedy --auto \
                  --only "${OURS[@]}" "${AUTO[@]}" ;;  # speculation="auto" against every step drafted (the default)
       demo) bench demo --prompts 64 --batch-sizes 1 4 16 64 --calls 2 --only "${OURS[@]}" "${THEIRS[@]}" ;;
       pair-b1) bench pair-b1 --prompts 8 --batch-sizes 1 --calls 4 --only "${OURS[@]}" ;;

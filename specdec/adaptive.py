@@ -81,7 +81,8 @@ class Speculation:
 
     def __init__(self, keys: list[Hashable], depths: list[int | None], kept: dict, clock):
         self.keys, self.depths, self.kept, self.clock = keys, depths, kept, clock
-        # Seconds of rounds read; their count when mode 0's last round was read, and that round's seconds.
+        # "seconds": of every round read so far; "explored": that sum when mode 0's last round was read;
+        # "round": that round's seconds.
         self.schedule = kept.setdefault(("schedule", keys[0]), {"seconds": 0.0, "explored": 0.0, "round": 0.0})
         self.warmed: set[int] = set()
         self.pending = None  # (mode, start mark, end mark): the last round, read at the end of the next

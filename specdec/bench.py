@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from .embedded import Models
 from .forward import cache_keyword
 from .generate import generate
-from .session import release
+from .session import measured_costs, release
 
 MODES = {
     "greedy": dict(do_sample=False),
@@ -137,8 +137,17 @@ def _ours(target, drafter, **options):
         s = res.stats
         return res.sequences, {"forwards": s.target_forwards, "drafted": s.drafted_tokens,
                                "accepted": s.accepted_tokens, "row_steps": s.row_steps, "steps": s.steps,
-                               "plain_steps": s.plain_steps}
+                               "plain_steps": s.plain_steps, "costs": _mode_costs(target)}
     return run
+
+
+def _mode_costs(target) -> dict[str, float] | None:
+    """The milliseconds per step ``speculation="auto"`` measured for each mode (plain decoding, or the drafter's
+    type and settings) in ``target``'s kept session; None where it measured none."""
+    def label(drafted: tuple) -> str:
+        return "plain" if drafted == ("none",) else drafted[0] if len(drafted) == 1 else f"{drafted[0].__name__}{drafted[2]}"
+    costs = {label(recipe[0]): round(1e3 * cost, 4) for recipe, cost in measured_costs(target).items()}
+    return costs or None
 
 
 def _peers(models: Models, peers: dict, draft_tokens: int, max_length: int) -> list[Strategy]:
@@ -313,7 +322,7 @@ def _cell(models: Models, strategy: Strategy, batches: list[dict], kwargs: dict,
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     tokens, seconds, passes, row_passes, tau_tokens, drafted, accepted, rows, outputs = 0, 0.0, 0, 0, 0, 0, 0, 0, []
-    steps = plain_steps = 0
+    steps, plain_steps, costs = 0, 0, None
     for n, x in enumerate(batches):
         times = []
         for _ in range(repeats):
@@ -336,6 +345,7 @@ def _cell(models: Models, strategy: Strategy, batches: list[dict], kwargs: dict,
             accepted += counts["accepted"]
             steps += counts.get("steps", 0)
             plain_steps += counts.get("plain_steps", 0)
+            costs = counts.get("costs")
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     compiled_while_timed = _graphs_compiled() - compiled_before
     torch.manual_seed(seed)
@@ -346,6 +356,7 @@ def _cell(models: Models, strategy: Strategy, batches: list[dict], kwargs: dict,
         "target_forwards": passes or None, "tau": round(tau_tokens / row_passes, 3) if row_passes else 1.0,
         "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
         "plain_share": round(plain_steps / steps, 3) if steps else None,
+        "mode_ms_per_step": costs,
         "peak_gb": None if peak is None else round(peak, 2),
         "gpu_busy": None if busy is None else round(min(busy / (seconds / len(batches)), 1.0), 3),
         "compiled_while_timed": compiled_while_timed,

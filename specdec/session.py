@@ -157,6 +157,14 @@ def open_session(model, input_ids, attention_mask, max_new_tokens: int, counters
     return session
 
 
+def measured_costs(model) -> dict:
+    """The seconds per step ``speculation="auto"`` has measured in ``model``'s kept session, by recipe (see
+    ``generate._Call.recipe``); empty where there is none."""
+    session = _sessions.get(model)
+    return {} if session is None else {recipe: cost for (kind, recipe), cost in session.speculation.items()
+                                      if kind == "cost"}
+
+
 def release(model) -> None:
     """Free what ``generate`` keeps for ``model``: its session as a target (buffers and captured steps), and its
     state in every kept session as a draft model or head."""

@@ -34,15 +34,15 @@ class Device:
     """A scripted device for the policy alone: a step of mode m takes ``cost[m]`` seconds, and each row accepts
     ``accepted(step)`` drafted tokens in mode 0, at most a mode's depth in the others (the counters' bins)."""
 
+    cuda = False
+    between = adaptive.DeviceClock.between  # a host clock's reading: the time, then the counters
+
     def __init__(self, cost, depths, accepted):
         self.cost, self.depths, self.accepted = cost, depths, accepted
         self.now, self.bins = 0.0, [0] * ACCEPTED_BINS
 
     def mark(self):
         return self.now, list(self.bins)
-
-    def between(self, start, end):
-        return end[0] - start[0], [b - a for a, b in zip(start[1], end[1])]
 
     def run(self, chooser, steps):
         chosen = []

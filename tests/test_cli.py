@@ -55,6 +55,20 @@ def test_bench_auto_runs_each_drafter_under_auto_beside_it(models):
     assert 0 <= rows["specdec: prompt lookup, auto"]["plain_share"] <= 1
 
 
+def test_bench_names_the_costs_auto_measured_per_mode(models, monkeypatch):
+    from specdec import adaptive
+
+    monkeypatch.setattr(adaptive, "ROUND_STEPS", 2)
+    x = models.tokenizer(models.prompts(1), return_tensors="pt")
+    specdec.generate(models.target, **x, prompt_lookup_num_tokens=10, max_new_tokens=40, fast_path=True,
+                     speculation="auto")
+    costs = bench._mode_costs(models.target)
+    assert set(costs) == {"plain", "PromptLookup(10, 3, 1, 1)", "PromptLookup(5, 3, 1, 1)"}
+    assert all(ms > 0 for ms in costs.values())
+    specdec.release(models.target)
+    assert bench._mode_costs(models.target) is None
+
+
 def test_bench_speedups_are_against_the_fastest_baseline_and_our_no_drafter_path(models):
     record = bench.measure(models, models.prompts(2), modes=("greedy",), max_new_tokens=8, progress=False,
                            only=["specdec: prompt lookup"])
