@@ -32,7 +32,7 @@ from specdec import features
 from specdec.drafters.base import Drafter, require_positive
 from specdec.drafters.levels import Levels, catch_up, resync
 from specdec.forward import Prefix, extend_chains, forward_nodes, prefill
-from specdec.sampling import Sampling
+from specdec.sampling import Sampling, top_k
 from specdec.sequences import Sequences
 from specdec.tree import Tree
 
@@ -141,8 +141,8 @@ class Eagle(Drafter):
         if not self.sampling.do_sample:
             # Selected in fp32 (exact in float64 afterwards): a float64 top-k over the vocabulary took 0.65 of
             # a 4.3 ms step on an H100 (benchmarks/profile_step.py).
-            kids = logits.log_softmax(-1).clamp(min=-1e4).topk(self.top_k, dim=-1)
-            return kids.indices, kids.values.double(), None
+            values, kids = top_k(logits.log_softmax(-1).clamp(min=-1e4), self.top_k)
+            return kids, values.double(), None
         q = self.sampling.probs(logits, seqs.generated[:, None] + depth, seqs.end[:, None] + depth)
         kids = self.sampling.children(q, self.top_k)
         return kids, q.gather(-1, kids).clamp(min=1e-30).log().double(), q

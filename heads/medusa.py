@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from specdec.drafters.base import Drafter, require_positive
+from specdec.sampling import top_k
 from specdec.sequences import Sequences
 from specdec.tree import Tree
 
@@ -127,7 +128,7 @@ class Medusa(Drafter):
         parents, depths, ranks = self.layout
         parents = parents.expand(batch, -1)
         if not self.sampling.do_sample:
-            tokens = logits.topk(self.k, dim=-1).indices[:, depths, ranks]
+            tokens = top_k(logits, self.k)[1][:, depths, ranks]
             tokens[:, 0] = seqs.last
             return Tree.drafted(tokens, parents, seqs.finished, None, self.max_depth, self.max_children)
         # Head d drafts depth d + 1, predicted at a parent d tokens past the root, as the target would predict it.

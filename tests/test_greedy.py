@@ -58,6 +58,26 @@ def test_compiled_step_equals_generate(arch, kinds):
             assert torch.equal(got, expected), f"{kind}, batch {batch}"
 
 
+@pytest.mark.parametrize("kind,options", [("draft_tree", {"fast_path": True}), ("medusa", {"fast_path": True}),
+                                          ("eagle", {"fast_path": True}), ("eagle", {"compile": True})])
+def test_drafters_rank_the_vocabulary_in_slices(monkeypatch, kind, options):
+    """With slices narrower than the tiny vocabulary, drafters take their children by the two-stage top-k
+    (``sampling.top_k``), as they do over a real vocabulary: the same drafts (as many accepted) as with one
+    ``torch.topk``, and ``generate``'s text."""
+    from specdec import sampling
+
+    target = tiny("llama")
+    drafter = make_drafter(kind, target)
+    ids, mask = prompts(3, 7, 4)
+    run = lambda: specdec.generate(target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=20,  # noqa: E731
+                                   return_dict_in_generate=True, **options)
+    whole = run()
+    monkeypatch.setattr(sampling, "SLICE", 16)
+    sliced = run()
+    assert torch.equal(sliced.sequences, target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=20))
+    assert sliced.stats.accepted_tokens == whole.stats.accepted_tokens > 0
+
+
 @pytest.mark.parametrize("kind,module", [("draft_chain", lambda d: d.model), ("medusa", lambda d: d.heads),
                                          ("eagle", lambda d: d.head.decoder)])
 def test_compile_fuses_the_drafters_own_passes(monkeypatch, kind, module):

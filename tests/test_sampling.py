@@ -144,3 +144,21 @@ def test_default_top_k_applies_as_in_transformers(pair):
     allowed = set(logits.topk(50).indices.tolist())
     assert set(out[:, -1].tolist()) <= allowed
     assert len(set(out[:, -1].tolist())) > 30
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 8, 40])
+def test_sliced_top_k_selects_what_topk_does(dtype, k):
+    """The two-stage top-k over a vocabulary (not a multiple of the slice): the same sorted values as
+    ``torch.topk``, at indices holding them; the same indices where no two values tie."""
+    from specdec.sampling import top_k
+
+    torch.manual_seed(0)
+    distinct = (torch.randperm(3 * 5000).reshape(3, 1, 5000) / 7).expand(3, 2, -1)
+    tied = torch.randint(0, 50, (3, 2, 5000))
+    for values in (distinct.to(dtype), tied.to(dtype)):
+        best, index = top_k(values, k)
+        expected = values.topk(k, dim=-1)
+        assert torch.equal(best, expected.values) and torch.equal(values.gather(-1, index), best)
+    assert torch.equal(top_k(distinct, k)[1], distinct.topk(k, dim=-1).indices)
+
