@@ -61,10 +61,15 @@ tables() {
       profiles) echo "== profiles $(date -u +%FT%TZ)" >>"$W/bench.log"  # kernels per step per drafter, compiled or not
                  python3 benchmarks/profile_step.py --out "$W/profile-eager.json" >>"$W/bench.log" 2>&1
                  python3 benchmarks/profile_step.py --compile --out "$W/profile-compiled.json" >>"$W/bench.log" 2>&1 ;;
+      profiles-8b) echo "== profiles-8b $(date -u +%FT%TZ)" >>"$W/bench.log"  # the compiled step at 8B cost, per drafter
+                 python3 benchmarks/profile_step.py --models "$MODELS" --shape llama-3-8b --draft-shape llama-3.2-1b \
+                     --compile --out "$W/profile-8b-compiled.json" >>"$W/bench.log" 2>&1 ;;
       auto) bench auto --prompts 64 --batch-sizes 32 1 64 --calls 8 --modes greedy --auto \
                  --only "${OURS[@]}" "${AUTO[@]}" ;;  # speculation="auto" against every step drafted (the default)
       demo) bench demo --prompts 64 --batch-sizes 1 4 16 64 --calls 2 --only "${OURS[@]}" "${THEIRS[@]}" ;;
       pair-b1) bench pair-b1 --prompts 8 --batch-sizes 1 --calls 4 --only "${OURS[@]}" ;;
+      b1-compiled) bench b1-compiled --prompts 8 --batch-sizes 1 --calls 8 --modes greedy --compiled \
+                 --only "${COMPILED_ALL[@]}" ;;  # the target 1: every drafter compiled, batch 1
       8b-b1-sample) bench 8b-b1-sample --shape llama-3-8b --draft-shape llama-3.2-1b --prompts 4 --batch-sizes 1 \
                  --calls 2 --modes sample --only "${OURS[@]}" "${THEIRS[@]}" ;;
       8b-b1-sample-heads) bench 8b-b1-sample-heads --shape llama-3-8b --draft-shape llama-3.2-1b --prompts 4 \

@@ -4,15 +4,18 @@ By default random-weight models shaped as ``specdec.pretrain``'s ``gpu`` recipe 
 draft, Medusa and EAGLE heads on the target) on a random 100-token prompt, no eos: a kernel's cost does not
 depend on the weights, only the number of steps does, so times are per step. ``--models DIR`` profiles the
 models ``specdec pretrain`` wrote instead (trained heads included), on a held-out prompt with their eos, as
-``specdec bench`` runs them. bf16, batch 1, greedy.
+``specdec bench`` runs them; ``--shape`` (with ``--draft-shape``) inflates them first, as ``specdec bench
+--shape`` does (``--models embedded``: the pair shipped in the package). bf16, batch 1, greedy.
 
-    python benchmarks/profile_step.py --out profile.json [--models DIR] [--top 12] [--new-tokens 64] [--compile]
+    python benchmarks/profile_step.py --out profile.json [--models DIR|embedded] [--shape S --draft-shape S]
+        [--top 12] [--new-tokens 64] [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 
 import torch
@@ -20,6 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import specdec
 from specdec import embedded, heads
+from specdec.inflate import inflate_models
 
 SHAPES = {
     "target": dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4,
@@ -46,10 +50,13 @@ def random_models():
     return target, drafters, torch.randint(16384, (1, 100), device="cuda"), dict(eos_token_id=None)
 
 
-def trained_models(path: str):
-    """The models in ``path`` with the drafters ``specdec bench`` builds for them (6 draft tokens, 10 lookup
-    tokens), a held-out prompt and the tokenizer's pad token."""
-    models = embedded.load(path, device="cuda", dtype=torch.bfloat16)
+def trained_models(path: str, shape: str | None, draft_shape: str | None, heads_dir: str):
+    """The models in ``path`` ("embedded": the shipped pair), inflated to ``shape`` and ``draft_shape`` where
+    given (heads saved under ``heads_dir``), with the drafters ``specdec bench`` builds for them (6 draft
+    tokens, 10 lookup tokens), a held-out prompt and the tokenizer's pad token."""
+    models = embedded.load(None if path == "embedded" else path, device="cuda", dtype=torch.bfloat16)
+    if shape or draft_shape:
+        models = inflate_models(models, shape, draft_shape, heads_dir=heads_dir)
     drafters = {"no drafter": None, "prompt lookup": specdec.PromptLookup(10)}
     if models.draft is not None:
         drafters["draft model"] = specdec.DraftModel(models.draft, num_draft_tokens=6)
@@ -62,13 +69,27 @@ def trained_models(path: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models")
+    parser.add_argument("--models", help="a `specdec pretrain` directory, or `embedded`")
+    parser.add_argument("--shape", help="inflate the target (and its heads) to this named shape (specdec.inflate)")
+    parser.add_argument("--draft-shape", help="inflate the draft model to this named shape")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--compile", action="store_true", help="generate(compile=True): drafting's passes too")
     parser.add_argument("--out")
     args = parser.parse_args()
-    target, drafters, ids, settings = trained_models(args.models) if args.models else random_models()
+    if (args.shape or args.draft_shape) and not args.models:
+        parser.error("--shape and --draft-shape inflate trained models: pass --models DIR or --models embedded")
+    with tempfile.TemporaryDirectory() as heads_dir:
+        found = trained_models(args.models, args.shape, args.draft_shape, heads_dir) if args.models else random_models()
+        rows = profile(*found, args)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "compile": args.compile, "shape": args.shape,
+                       "draft_shape": args.draft_shape, "rows": rows}, f, indent=1)
+
+
+def profile(target, drafters: dict, ids, settings: dict, args) -> list[dict]:
+    """One profiled ``generate`` call per drafter, after a capturing call and a timed one: a row each."""
     rows = []
     for name, drafter in drafters.items():
         options = dict(drafter=drafter, max_new_tokens=args.new_tokens, return_dict_in_generate=True,
@@ -93,9 +114,7 @@ def main() -> None:
                         "per_step": round(e.count / steps, 1)} for e in top]}
         rows.append(row)
         print(json.dumps(row, indent=1), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "compile": args.compile, "rows": rows}, f, indent=1)
+    return rows
 
 
 if __name__ == "__main__":
