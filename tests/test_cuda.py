@@ -148,8 +148,8 @@ def test_auto_times_rounds_on_the_device(monkeypatch, kind):
     got = specdec.generate(model, ids, attention_mask=mask, drafter=drafter, max_new_tokens=60, eos_token_id=None,
                            speculation="auto")
     assert torch.equal(got, expected)
-    costs = [v for k, v in sessions._sessions[model].speculation.items() if k[0] == "cost"]
-    assert len(costs) == 3 and all(0 < cost < 1 for cost in costs)
+    costs = sessions.measured_costs(model)
+    assert len(costs) == 3 and all(0 < cost < 1 for cost in costs.values())
 
 
 class Repeat(specdec.Drafter):
