@@ -163,11 +163,13 @@ class Eagle(Drafter):
         same = small == dict(top_k=self.top_k, depth=self.depth, total_tokens=self.total_tokens)
         return [self] + ([] if same else [self.reshaped(**small)])
 
-    def resync(self, seqs: Sequences) -> None:
-        self.forwards += resync(*self._pairs(seqs, seqs.end - 2))  # the step's catch-up feeds the root's pair
+    def resync(self, seqs: Sequences, replay=lambda one_pass: one_pass()) -> None:
+        # To the root's pair: the step's catch-up feeds it.
+        self.forwards += resync(*self._pairs(seqs, lambda: seqs.end - 2), replay)
 
-    def _pairs(self, seqs: Sequences, end: torch.Tensor) -> tuple:
-        """``catch_up``'s arguments to bring the head's cache to pair column ``end``: pairs (f_c, x_{c+1})."""
+    def _pairs(self, seqs: Sequences, end) -> tuple:
+        """``catch_up``'s arguments to bring the head's cache to pair column ``end`` (or ``resync``'s, ``end`` a
+        function giving it): pairs (f_c, x_{c+1})."""
         def pairs(cols):
             cols = cols.clamp(max=seqs.end.max() - 2)
             return self.head.inputs(seqs.features.gather(1, cols[..., None].expand(-1, -1, seqs.features.shape[-1])),

@@ -446,11 +446,12 @@ def _decode(call: _Call, session, stats: Stats, first: torch.Tensor) -> tuple[li
     all_finished = _AllFinished(seqs)
     done = bool(seqs.finished.all())
     while not done:
-        mode = _enter(modes[chooser.current if chooser else 0], mode, seqs)
+        sizes = session.sizes()
+        mode = _enter(modes[chooser.current if chooser else 0], mode, seqs, sizes)
         t0 = time.perf_counter()
         tree = None if mode.drafts_in_step else mode.drafter.propose(seqs)
         t1 = t0 if tree is None else _sync(seqs.end.device)
-        key = (mode.in_step if tree is None else tree.shape, session.sizes())
+        key = (mode.in_step if tree is None else tree.shape, sizes)
         tokens, count = mode.graphs.run(mode.step, key, tree)
         mode.ran += 1
         all_finished.copy()
@@ -471,10 +472,12 @@ def _decode(call: _Call, session, stats: Stats, first: torch.Tensor) -> tuple[li
     return modes, mode
 
 
-def _enter(mode: _Mode, previous: _Mode | None, seqs: Sequences) -> _Mode:
-    """``mode`` for the next step: a drafter that did not draft the step before catches up first."""
+def _enter(mode: _Mode, previous: _Mode | None, seqs: Sequences, sizes: tuple) -> _Mode:
+    """``mode`` for the next step: a drafter that did not draft the step before catches up first, in passes
+    replayed from the mode's graphs (the same pass each time; eager, each pass would launch the drafter's
+    kernels one by one from Python)."""
     if previous is not None and mode is not previous and mode.drafter is not None:
-        mode.drafter.resync(seqs)
+        mode.drafter.resync(seqs, lambda one_pass: mode.graphs.run(lambda _: one_pass(), ("resync", sizes)))
     return mode
 
 

@@ -182,8 +182,8 @@ def drafted_trees(monkeypatch, drafter_type):
             caught_up[0] = False
         return tree
 
-    def recording_resync(self, seqs):
-        resync(self, seqs)
+    def recording_resync(self, seqs, replay):
+        resync(self, seqs, replay)
         caught_up[0] = True
 
     monkeypatch.setattr(drafter_type, "propose", recording_propose)

@@ -135,7 +135,8 @@ def test_steps_replay_captured_graphs(monkeypatch, kind, path):
 @pytest.mark.parametrize("kind", ["lookup", "draft"])
 def test_auto_times_rounds_on_the_device(monkeypatch, kind):
     """``speculation="auto"`` on a GPU: rounds timed by CUDA events and read a round late (``DeviceClock``),
-    every mode measured, and the text ``generate``'s through the switches."""
+    every mode measured, the text ``generate``'s through the switches, and the draft model's catch-up after
+    steps it sat out captured as a graph of its own."""
     from specdec import adaptive, session as sessions
 
     monkeypatch.setattr(adaptive, "ROUND_STEPS", 3)
@@ -145,11 +146,16 @@ def test_auto_times_rounds_on_the_device(monkeypatch, kind):
     drafter = specdec.PromptLookup(4) if kind == "lookup" else specdec.DraftModel(draft, 3)
     ids, mask = [t.cuda() for t in prompts(2, 9, 0)]
     expected = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=60, eos_token_id=None)
-    got = specdec.generate(model, ids, attention_mask=mask, drafter=drafter, max_new_tokens=60, eos_token_id=None,
-                           speculation="auto")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*cannot be captured")  # the catch-up's capture included
+        got = specdec.generate(model, ids, attention_mask=mask, drafter=drafter, max_new_tokens=60,
+                               eos_token_id=None, speculation="auto")
     assert torch.equal(got, expected)
     costs = sessions.measured_costs(model)
     assert len(costs) == 3 and all(0 < cost < 1 for cost in costs.values())
+    resyncs = [graph for graphs in sessions._sessions[model].recipes.values() for key, graph in graphs.items()
+               if key[0] == "resync"]
+    assert (kind == "draft") == bool(resyncs)  # prompt lookup keeps nothing to catch up
 
 
 class Repeat(specdec.Drafter):

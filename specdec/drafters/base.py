@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 
@@ -84,10 +85,11 @@ class Drafter:
         shape.forwards = 0
         return shape
 
-    def resync(self, seqs: Sequences) -> None:
+    def resync(self, seqs: Sequences, replay: Callable[[Callable], object] = lambda one_pass: one_pass()) -> None:
         """Bring what this drafter keeps (a model's cache) up to each row's accepted tokens after steps it did
         not draft (plain steps under ``speculation="auto"``, or another shape's), before its next step. On
-        the host, between captured steps; a drafter that keeps nothing across steps does nothing."""
+        the host, between captured steps, in passes that read nothing from the device: ``replay(one_pass)``
+        runs each (the loop replays them from a captured graph). A drafter that keeps nothing does nothing."""
 
     def check(self, target) -> None:
         pass

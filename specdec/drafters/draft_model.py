@@ -81,11 +81,13 @@ class DraftModel(FixedDepth):
         self.cache.hold(seqs.limit)
         self.stepping = self.compiled(self.model)
 
-    def resync(self, seqs: Sequences) -> None:
-        self.forwards += resync(*self._chains(seqs, seqs.end - 1))  # the step's catch-up feeds the root
+    def resync(self, seqs: Sequences, replay=lambda one_pass: one_pass()) -> None:
+        # To the root's column: the step's catch-up feeds the root.
+        self.forwards += resync(*self._chains(seqs, lambda: seqs.end - 1), replay)
 
-    def _chains(self, seqs: Sequences, end: torch.Tensor) -> tuple:
-        """``catch_up``'s arguments to bring the draft's cache to column ``end``: the draft over the rows' tokens."""
+    def _chains(self, seqs: Sequences, end) -> tuple:
+        """``catch_up``'s arguments to bring the draft's cache to column ``end`` (or ``resync``'s, ``end`` a function
+        giving it): the draft over the rows' tokens."""
         last_col = seqs.tokens.shape[1] - 1
         return (functools.partial(self._forward, extend_chains), self.cache, seqs.start, end, self.num_draft_tokens + 1,
                 lambda cols: seqs.tokens.gather(1, cols.clamp(max=last_col)))

@@ -31,14 +31,20 @@ def catch_up(run: Callable, cache: TreeCache, start: torch.Tensor, end: torch.Te
     return out, (count - 1).clamp(min=0)[:, None]
 
 
-def resync(run: Callable, cache: TreeCache, start: torch.Tensor, end: torch.Tensor, span: int,
-           inputs: Callable[[torch.Tensor], torch.Tensor]) -> int:
-    """``catch_up`` to column ``end`` (B,) however far behind the cache is, in passes of ``span`` columns: the
+def resync(run: Callable, cache: TreeCache, start: torch.Tensor, end: Callable[[], torch.Tensor], span: int,
+           inputs: Callable[[torch.Tensor], torch.Tensor], replay: Callable[[Callable], object]) -> int:
+    """``catch_up`` to column ``end()`` (B,) however far behind the cache is, in passes of ``span`` columns: the
     shape the step's own catch-up runs (compiled once, and with room in the cache past its held length).
-    Rows already there are left as they are. Reads the device once. Returns the passes run."""
-    passes = max(-(-int((end - cache.ends).max()) // span), 0)
+    Rows already there are left as they are. Reads the device once, for the number of passes; each pass reads
+    nothing, and ``end()`` computes the columns from the sequences' own buffers, so ``replay(one_pass)`` may
+    run it from a captured graph. Returns the passes run."""
+    def one_pass():
+        target = torch.minimum(end(), cache.ends + span)
+        return catch_up(run, cache, start, torch.maximum(cache.ends, target), span, inputs)
+
+    passes = max(-(-int((end() - cache.ends).max()) // span), 0)
     for _ in range(passes):
-        catch_up(run, cache, start, torch.maximum(cache.ends, torch.minimum(end, cache.ends + span)), span, inputs)
+        replay(one_pass)
     return passes
 
 
