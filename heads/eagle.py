@@ -29,7 +29,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from specdec import features
-from specdec.drafters.base import Drafter, require_positive
+from specdec.drafters.base import Drafter, require_positive, run_now
 from specdec.drafters.levels import Levels, catch_up, resync
 from specdec.forward import Prefix, extend_chains, forward_nodes, prefill
 from specdec.sampling import Sampling, top_k
@@ -163,7 +163,7 @@ class Eagle(Drafter):
         same = small == dict(top_k=self.top_k, depth=self.depth, total_tokens=self.total_tokens)
         return [self] + ([] if same else [self.reshaped(**small)])
 
-    def resync(self, seqs: Sequences, replay=lambda one_pass: one_pass()) -> None:
+    def resync(self, seqs: Sequences, replay=run_now) -> None:
         # To the root's pair: the step's catch-up feeds it.
         self.forwards += resync(*self._pairs(seqs, lambda: seqs.end - 2), replay)
 

@@ -145,7 +145,9 @@ def _mode_costs(target) -> dict[str, float] | None:
     """The milliseconds per step ``speculation="auto"`` measured for each mode (plain decoding, or the drafter's
     type and settings) in ``target``'s kept session; None where it measured none."""
     def label(drafted: tuple) -> str:
-        return "plain" if drafted == ("none",) else drafted[0] if len(drafted) == 1 else f"{drafted[0].__name__}{drafted[2]}"
+        if drafted == ("none",):
+            return "plain"
+        return drafted[0] if len(drafted) == 1 else f"{drafted[0].__name__}{drafted[2]}"
     costs = {label(recipe[0]): round(1e3 * cost, 4) for recipe, cost in measured_costs(target).items()}
     return costs or None
 

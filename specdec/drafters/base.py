@@ -13,6 +13,11 @@ from ..session import Kept
 from ..tree import Tree
 
 
+def run_now(one_pass: Callable):
+    """``Drafter.resync``'s default ``replay``: the pass, run eagerly."""
+    return one_pass()
+
+
 def require_positive(**counts) -> None:
     """Refuse a count that is not a positive integer, naming the argument."""
     for name, value in counts.items():
@@ -85,7 +90,7 @@ class Drafter:
         shape.forwards = 0
         return shape
 
-    def resync(self, seqs: Sequences, replay: Callable[[Callable], object] = lambda one_pass: one_pass()) -> None:
+    def resync(self, seqs: Sequences, replay: Callable[[Callable], object] = run_now) -> None:
         """Bring what this drafter keeps (a model's cache) up to each row's accepted tokens after steps it did
         not draft (plain steps under ``speculation="auto"``, or another shape's), before its next step. On
         the host, between captured steps, in passes that read nothing from the device: ``replay(one_pass)``

@@ -11,7 +11,7 @@ from ..forward import Prefix, check_model, extend_chains, forward_nodes, prefill
 from ..sampling import Sampling
 from ..sequences import Sequences
 from ..tree import Tree
-from .base import FixedDepth, require_positive
+from .base import FixedDepth, require_positive, run_now
 from .levels import Levels, catch_up, resync
 
 
@@ -81,7 +81,7 @@ class DraftModel(FixedDepth):
         self.cache.hold(seqs.limit)
         self.stepping = self.compiled(self.model)
 
-    def resync(self, seqs: Sequences, replay=lambda one_pass: one_pass()) -> None:
+    def resync(self, seqs: Sequences, replay=run_now) -> None:
         # To the root's column: the step's catch-up feeds the root.
         self.forwards += resync(*self._chains(seqs, lambda: seqs.end - 1), replay)
 
