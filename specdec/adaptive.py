@@ -43,7 +43,7 @@ import torch
 
 ROUND_STEPS = 16
 WARM_STEPS = 2
-EXPLORE = 32
+EXPLORE = 64
 MEMORY = 0.5  # the weight of acceptance measured before a round, after it
 
 

@@ -75,7 +75,7 @@ def test_each_mode_runs_once_for_its_cost_then_the_most_tokens_per_second_predic
 def test_with_nothing_accepted_plain_decoding_runs_and_re_measuring_the_drafter_costs_little():
     device = Device(cost=[2.0, 1.0, 1.5], depths=DEPTHS, accepted=lambda step: 0)
     chooser = adaptive.Speculation(MODES, DEPTHS, {}, device)
-    chosen = device.run(chooser, 3 * ROUND + 200 * adaptive.ROUND_STEPS)
+    chosen = device.run(chooser, 3 * ROUND + 5 * (adaptive.EXPLORE + 2) * adaptive.ROUND_STEPS)
     later = chosen[3 * ROUND:]
     assert later.count(1) > 0.9 * len(later) and 2 not in later
     retried = [i for i in range(1, len(later)) if later[i] == 0 and later[i - 1] == 1]
