@@ -135,10 +135,11 @@ def test_an_error_mid_call_leaves_the_session_free():
     assert torch.equal(got, target.generate(ids, attention_mask=mask, max_new_tokens=6))
 
 
-@pytest.mark.parametrize("kind", ["lookup_tree", "draft_tree"])
+@pytest.mark.parametrize("kind", ["lookup_tree", "draft_tree", "medusa", "eagle"])
 def test_compiled_calls_with_prompts_of_new_lengths_do_not_recompile(kind):
     """The compiled step's shapes come from the kept buffers, not from the prompt (each new length recompiled
-    it before sessions: 4 to 5 compiles over 5 calls), the draft model's compiled passes' too."""
+    it before sessions: 4 to 5 compiles over 5 calls), and so do the draft model's and the heads' compiled
+    passes'."""
     from specdec.bench import _graphs_compiled
 
     torch._dynamo.reset()  # nothing compiled by earlier tests
