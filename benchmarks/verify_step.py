@@ -55,7 +55,8 @@ from specdec.forward import Prefix, cache_keyword, forward_nodes, prefill
 from specdec.graphs import StepGraphs
 from specdec.sampling import Sampling
 from specdec.sequences import Sequences
-from specdec.step import COUNTER_SIZE, allow_recompiles, compiled_keep_accepted, keep_accepted, verify_step
+from specdec.step import (COUNTER_SIZE, allow_recompiles, compile_static, compiled_keep_accepted, keep_accepted,
+                          verify_step)
 from specdec.kernels import tree_attention as tree_kernel
 from specdec.tree import Tree
 
@@ -151,7 +152,7 @@ class StepBench:
         device, vocab = model.device, model.config.vocab_size
         self.model, self.p = model, p
         allow_recompiles()  # a static graph per (B, T), more than Dynamo's default 8
-        self.compiled_model = torch.compile(model, mode=compile_mode, dynamic=False)  # compiles at its first call
+        self.compiled_model = compile_static(model, compile_mode)  # as generate(compile=True); at its first call
         prompt = torch.randint(vocab, (batch, p + 1), device=device)
         self.start = torch.zeros(batch, dtype=torch.long, device=device)
         # A sequence of P + 1 tokens, the last the tree's root; one cache for each path, P tokens each.

@@ -47,6 +47,11 @@ EXPLORE = 64
 MEMORY = 0.5  # the weight of acceptance measured before a round, after it
 
 
+def costs(kept: dict) -> dict:
+    """The seconds per step measured for each mode, by its key, from what a ``Speculation`` keeps."""
+    return {key: cost for (kind, key), cost in kept.items() if kind == "cost"}
+
+
 class DeviceClock:
     """Marks on the current stream: when the device got there, and ``counters`` (the acceptance bins) then.
     On a CUDA device a mark is an event and a copy into pinned memory, and reading it waits for that mark

@@ -12,7 +12,7 @@ import functools
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Hashable
 
 import torch
@@ -29,7 +29,8 @@ from .graphs import StepGraphs
 from .output import SpeculativeOutput, Stats
 from .sampling import Sampling
 from .sequences import Sequences
-from .step import COUNTER_SIZE, COUNTERS, allow_recompiles, compiled_keep_accepted, keep_accepted, verify_step
+from .step import (COUNTER_SIZE, COUNTERS, allow_recompiles, compile_static, compiled_keep_accepted, keep_accepted,
+                   verify_step)
 from .tree import Tree
 from .verify import verify
 
@@ -383,17 +384,15 @@ class _Mode:
     key: Hashable
     step: Callable  # (tree or None) -> (tokens, count): the verification step, drafting with ``drafter``
     ran: int = 0
+    # The graph key of a step that drafts its own tree (``Drafter.drafts_in_step``, or nothing drafted); None
+    # where the drafter proposes on the host, and the tree's shape keys the graph. Set once: the loop reads it
+    # every step.
+    in_step: tuple | None = field(init=False)
 
-    @property
-    def drafts_in_step(self) -> bool:
-        """Drafting joins the (captured) step: the drafter says so (``Drafter.drafts_in_step``), or nothing is
-        drafted."""
-        return self.drafter is None or self.drafter.drafts_in_step
-
-    @property
-    def in_step(self) -> tuple:
-        """The graph key of a step that drafts its own tree."""
-        return "drafted", 1 if self.drafter is None else self.drafter.fixed_nodes
+    def __post_init__(self):
+        drafter = self.drafter
+        self.in_step = (("drafted", 1 if drafter is None else drafter.fixed_nodes)
+                        if drafter is None or drafter.drafts_in_step else None)
 
 
 def _modes(call: _Call, session, step: Callable) -> list[_Mode]:
@@ -431,7 +430,7 @@ def _decode(call: _Call, session, stats: Stats, first: torch.Tensor) -> tuple[li
     # Compiled only where shapes are fixed: a held cache (a failed capture lets go of it).
     if call.compile:
         allow_recompiles()
-    fused = (torch.compile(model, dynamic=False), compiled_keep_accepted()) if call.compile else (model, keep_accepted)
+    fused = (compile_static(model), compiled_keep_accepted()) if call.compile else (model, keep_accepted)
 
     def step(drafter: Drafter | None, tree: Tree | None):
         target, keep = fused if cache.held is not None else (model, keep_accepted)
@@ -449,7 +448,7 @@ def _decode(call: _Call, session, stats: Stats, first: torch.Tensor) -> tuple[li
         sizes = session.sizes()
         mode = _enter(modes[chooser.current if chooser else 0], mode, seqs, sizes)
         t0 = time.perf_counter()
-        tree = None if mode.drafts_in_step else mode.drafter.propose(seqs)
+        tree = None if mode.in_step is not None else mode.drafter.propose(seqs)
         t1 = t0 if tree is None else _sync(seqs.end.device)
         key = (mode.in_step if tree is None else tree.shape, sizes)
         tokens, count = mode.graphs.run(mode.step, key, tree)

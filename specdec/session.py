@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import fusion
+from . import adaptive, fusion
 from .cache import TreeCache
 from .sequences import Sequences
 
@@ -161,8 +161,7 @@ def measured_costs(model) -> dict:
     """The seconds per step ``speculation="auto"`` has measured in ``model``'s kept session, by recipe (see
     ``generate._Call.recipe``); empty where there is none."""
     session = _sessions.get(model)
-    return {} if session is None else {recipe: cost for (kind, recipe), cost in session.speculation.items()
-                                      if kind == "cost"}
+    return {} if session is None else adaptive.costs(session.speculation)
 
 
 def release(model) -> None:

@@ -53,15 +53,15 @@ def keep_accepted(tree: Tree, logits: torch.Tensor, features: torch.Tensor | Non
         seqs.write_features(seqs.end - 1, features.gather(1, acc.path[..., None].expand(-1, -1, features.shape[-1])), count)
     seqs.append(acc.tokens, count)
     seqs.finished |= (seqs.end >= seqs.stop) | (sampling.is_eos(seqs.last) & (count > 0))
-    bins = torch.arange(ACCEPTED_BINS, device=count.device)
-    accepted = (acc.length - 1).clamp(max=ACCEPTED_BINS - 1)
-    counters += torch.cat([torch.stack([
+    counters[: len(COUNTERS)] += torch.stack([
         active.any().long(),
         active.sum(),
         (tree.valid[:, 1:] & active[:, None]).sum(),
         torch.where(active, acc.length - 1, 0).sum(),
         count.sum(),
-    ]), ((accepted[:, None] == bins) & active[:, None]).sum(0)])
+    ])
+    # Each active row adds one to the bin of its accepted length: one scatter, not a (rows x bins) comparison.
+    counters[len(COUNTERS):].index_add_(0, (acc.length - 1).clamp(max=ACCEPTED_BINS - 1), active.long())
     return acc.path, torch.where(active, acc.length, 0), acc.tokens, count
 
 
@@ -93,8 +93,15 @@ def allow_recompiles() -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
 
+def compile_static(fn, mode: str | None = None):
+    """``fn`` (a model, a drafter's module, the acceptance) as ``compile=True`` compiles it: a static graph per
+    shape (``dynamic=False``), which a CUDA graph can capture. With Dynamo's automatic dynamic shapes a second
+    batch size made the batch dimension symbolic, and a third reused that graph."""
+    return torch.compile(fn, mode=mode, dynamic=False)
+
+
 @functools.cache
 def compiled_keep_accepted():
     """``keep_accepted`` fused by ``torch.compile``, one per process (made on first use: compiling is lazy,
     but importing Dynamo is not)."""
-    return torch.compile(keep_accepted, dynamic=False)
+    return compile_static(keep_accepted)

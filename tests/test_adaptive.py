@@ -137,7 +137,7 @@ def test_auto_stops_drafting_when_drafting_costs_more_than_it_gains():
     expected = target.generate(ids, attention_mask=mask, max_new_tokens=160, eos_token_id=None)
     assert torch.equal(first.sequences, expected)
     assert first.stats.plain_steps > 0.6 * first.stats.steps
-    costs = {key[1][0]: cost for key, cost in sessions._sessions[target].speculation.items() if key[0] == "cost"}
+    costs = {recipe[0]: cost for recipe, cost in sessions.measured_costs(target).items()}
     assert costs[("none",)] < min(cost for drafted, cost in costs.items() if drafted != ("none",))  # plain: cheapest
     again = specdec.generate(target, ids, **options)
     assert again.stats.plain_steps > 0.8 * again.stats.steps

@@ -161,4 +161,3 @@ def test_sliced_top_k_selects_what_topk_does(dtype, k):
         expected = values.topk(k, dim=-1)
         assert torch.equal(best, expected.values) and torch.equal(values.gather(-1, index), best)
     assert torch.equal(top_k(distinct, k)[1], distinct.topk(k, dim=-1).indices)
-

@@ -5,11 +5,10 @@ from __future__ import annotations
 import copy
 from typing import Callable
 
-import torch
-
 from ..sampling import Sampling
 from ..sequences import Sequences
 from ..session import Kept
+from ..step import compile_static
 from ..tree import Tree
 
 
@@ -75,7 +74,7 @@ class Drafter:
     def compiled(self, module):
         """``module`` for the step's fixed-shape passes: fused by ``torch.compile`` when the call compiles, as
         the target is, so that drafting is not hundreds of small kernels beside a fused verification."""
-        return torch.compile(module, dynamic=False) if self.compile else module
+        return compile_static(module) if self.compile else module
 
     def shapes(self) -> list["Drafter"]:
         """The shapes ``speculation="auto"`` may choose among, after ``begin``: this drafter, then smaller trees
