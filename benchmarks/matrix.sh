@@ -60,7 +60,8 @@ tables() {
                      >>"$W/bench.log" 2>&1 ;;
       profiles) echo "== profiles $(date -u +%FT%TZ)" >>"$W/bench.log"  # kernels per step per drafter, compiled or not
                  python3 benchmarks/profile_step.py --out "$W/profile-eager.json" >>"$W/bench.log" 2>&1
-                 python3 benchmarks/profile_step.py --compile --out "$W/profile-compiled.json" >>"$W/bench.log" 2>&1 ;;
+                 python3 benchmarks/profile_step.py --compile --trace "$W/traces" --out "$W/profile-compiled.json" \
+                     >>"$W/bench.log" 2>&1 ;;
       profiles-8b) echo "== profiles-8b $(date -u +%FT%TZ)" >>"$W/bench.log"  # the compiled step at 8B cost, per drafter
                  python3 benchmarks/profile_step.py --models "$MODELS" --shape llama-3-8b --draft-shape llama-3.2-1b \
                      --compile --out "$W/profile-8b-compiled.json" >>"$W/bench.log" 2>&1 ;;
@@ -114,6 +115,7 @@ collect() {
   for f in train.log bench.log cuda-tests.log; do [ -f "$W/$f" ] && tr '\r' '\n' <"$W/$f" | grep -v '^ *$' | tail -c 2000000 >"$OUT/$f"; done
   for f in "$W"/*.json; do [ -f "$f" ] && cp "$f" "$OUT/"; done  # at most 8 files come back: no .md
   [ -f "$W/gpu/recipe.json" ] && cp "$W/gpu/recipe.json" "$OUT/recipe-gpu.json"
+  [ -d "$W/traces" ] && tar czf "$OUT/traces.tgz" -C "$W" traces  # profile_step.py --trace: host and device
   for f in trained cuda-tests-done tables-done; do [ -f "$W/$f" ] && echo "$f"; done
   [ -f "$OUT/train.log" ] && tail -n 3 "$OUT/train.log"
   [ -f "$OUT/cuda-tests.log" ] && cat "$OUT/cuda-tests.log"

@@ -1,4 +1,6 @@
 """Where a fast-path step's GPU time goes, per drafter: kernels by total time over one ``generate`` call, per step.
+The call's wall time is split too: a one-token call (the prompt pass and the call's setup), and the rest per step,
+so a host-bound step shows apart from a costly call.
 
 By default random-weight models shaped as ``specdec.pretrain``'s ``gpu`` recipe (a 197M target, a 12.6M
 draft, Medusa and EAGLE heads on the target) on a random 100-token prompt, no eos: a kernel's cost does not
@@ -8,13 +10,14 @@ models ``specdec pretrain`` wrote instead (trained heads included), on a held-ou
 --shape`` does (``--models embedded``: the pair shipped in the package). bf16, batch 1, greedy.
 
     python benchmarks/profile_step.py --out profile.json [--models DIR|embedded] [--shape S --draft-shape S]
-        [--top 12] [--new-tokens 64] [--compile]
+        [--top 12] [--new-tokens 64] [--compile] [--trace DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 
@@ -75,6 +78,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--compile", action="store_true", help="generate(compile=True): drafting's passes too")
+    parser.add_argument("--trace", metavar="DIR", help="also write each drafter's call as a Chrome trace, "
+                        "host and device, into DIR: where a call's time goes between the kernels")
     parser.add_argument("--out")
     args = parser.parse_args()
     if (args.shape or args.draft_shape) and not args.models:
@@ -95,11 +100,8 @@ def profile(target, drafters: dict, ids, settings: dict, args) -> list[dict]:
         options = dict(drafter=drafter, max_new_tokens=args.new_tokens, return_dict_in_generate=True,
                        compile=args.compile, **settings)
         specdec.generate(target, ids, **options)  # captures; the timed and profiled calls replay
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        specdec.generate(target, ids, **options)
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - start
+        wall = timed(target, ids, options)
+        fixed = timed(target, ids, {**options, "max_new_tokens": 1})  # the prompt pass and the call's setup
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             out = specdec.generate(target, ids, **options)
             torch.cuda.synchronize()
@@ -108,13 +110,35 @@ def profile(target, drafters: dict, ids, settings: dict, args) -> list[dict]:
         total = sum(e.self_device_time_total for e in kernels)
         top = sorted(kernels, key=lambda e: -e.self_device_time_total)[: args.top]
         row = {"drafter": name, "steps": steps, "wall_ms_per_step": round(1e3 * wall / steps, 3),
+               "call_setup_ms": round(1e3 * fixed, 3), "step_wall_ms": round(1e3 * (wall - fixed) / steps, 3),
                "gpu_ms_per_step": round(total / 1e3 / steps, 3),
                "kernels_per_step": round(sum(e.count for e in kernels) / steps, 1),
                "top": [{"kernel": e.key[:90], "ms_per_step": round(e.self_device_time_total / 1e3 / steps, 4),
                         "per_step": round(e.count / steps, 1)} for e in top]}
         rows.append(row)
         print(json.dumps(row, indent=1), flush=True)
+        if args.trace:
+            os.makedirs(args.trace, exist_ok=True)
+            trace(target, ids, options, f"{args.trace}/trace-{name.replace(' ', '-')}.json")
     return rows
+
+
+def timed(target, ids, options: dict) -> float:
+    """Seconds of one ``generate`` call, the device's work included."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    specdec.generate(target, ids, **options)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def trace(target, ids, options: dict, path: str) -> None:
+    """One more call, traced on the host and the device, as a Chrome trace at ``path``."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        specdec.generate(target, ids, **options)
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(path)
 
 
 if __name__ == "__main__":

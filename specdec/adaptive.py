@@ -13,11 +13,13 @@ Terms:
   capture its graphs and compile it, and are real steps all the same.
 - *cost*: a mode's seconds per step, host included. It is set by the batch and the tree's shape, not by the
   text, so one round measures it well; later rounds keep it current.
-- *acceptance*: how many rows accepted 0, 1, 2, ... drafted tokens per step in mode 0 (the device counts
-  them, ``step.ACCEPTED_BINS``), older rounds weighing less. It changes with the text, and it predicts every
-  mode's tokens per step: a mode of depth d gains 1 + min(L, d) where mode 0 gained 1 + L. That is exact for
-  chains, whose smaller shape drafts a prefix of the larger one's chain, and an upper bound for trees, whose
-  smaller shape also has fewer branches. Plain decoding gains 1.
+- *acceptance*: in how many of mode 0's steps the row furthest behind accepted 0, 1, 2, ... drafted tokens
+  (the device counts them, ``step.ACCEPTED_BINS``), older rounds weighing less. A call ends with its last row,
+  so that row's gain is what a step buys the call (at batch 64 the average row gained 3.9 tokens per prompt
+  lookup step where the call's last row gained 1.25, and drafting was slower than plain decoding). Acceptance
+  changes with the text, and it predicts every mode's tokens per step: a mode of depth d gains 1 + min(L, d)
+  where mode 0 gained 1 + L. That is exact for chains, whose smaller shape drafts a prefix of the larger one's
+  chain, and an upper bound for trees, whose smaller shape also has fewer branches. Plain decoding gains 1.
 - *regret*: what a round of mode 0 loses against the best mode, when another mode is predicted faster: the
   round's seconds times the share of its tokens per second it falls short by.
 
@@ -95,7 +97,7 @@ class Speculation:
         self._start(None)
 
     def tokens_per_step(self, mode: int) -> float | None:
-        """Per row, predicted from mode 0's acceptance; None before it is measured."""
+        """For the row furthest behind, predicted from mode 0's acceptance; None before it is measured."""
         accepted = self.kept.get(("accepted", self.keys[0]))
         if not accepted or sum(accepted) == 0:
             return None
@@ -104,7 +106,7 @@ class Speculation:
         return 1 + gained / sum(accepted)
 
     def rate(self, mode: int) -> float:
-        """Predicted tokens per second per row (``tokens_per_step`` over the measured cost)."""
+        """Predicted tokens per second of the row furthest behind (``tokens_per_step`` over the measured cost)."""
         return self.tokens_per_step(mode) / max(self.kept[("cost", self.keys[mode])], 1e-12)
 
     def _choose(self) -> int:

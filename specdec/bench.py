@@ -64,8 +64,10 @@ class Strategy:
     # and for ours "row_steps": verification steps summed over the rows still generating at each, "steps" and
     # "plain_steps": steps, and those that drafted nothing}.
     run: object
-    # Compiles: it warms up on every batch, so the timed calls measure the compiled code.
-    compiles: bool = False
+    # It warms up on every batch, so the timed calls measure what it compiles or captures per shape. Ours do:
+    # warmed on the first batch alone, a later, longer prompt outgrew the kept session in a timed call, and the
+    # call captured its steps again (and "auto" measured its costs again).
+    warms_every_batch: bool = False
     batch_one: bool = False  # runs at batch 1 only (transformers' assisted generation, gpt-fast)
 
 
@@ -81,18 +83,21 @@ def strategies(models: Models, *, draft_tokens: int = 6, lookup_tokens: int = 10
     if dynamic is None:
         dynamic = target.device.type == "cuda"
     found = [Strategy("generate", REFERENCE, _transformers(target)),
-             Strategy("generate, static cache", BASELINE, _static_cache(target, max_length), compiles=True)]
+             Strategy("generate, static cache", BASELINE, _static_cache(target, max_length),
+                      warms_every_batch=True)]
     found += _peers(models, peers or {}, draft_tokens, max_length)
     drafters = {NO_DRAFTER: None} | {f"specdec: {name}": drafter
                                      for name, drafter in models.drafters(draft_tokens, lookup_tokens).items()}
     for name, drafter in drafters.items():
-        found.append(Strategy(name, OURS, _ours(target, drafter)))
+        found.append(Strategy(name, OURS, _ours(target, drafter), warms_every_batch=True))
         if dynamic:
             found.append(Strategy(f"{name}, dynamic", OURS, _ours(target, drafter, fast_path=False)))
         if compiled:
-            found.append(Strategy(f"{name}, compiled", OURS, _ours(target, drafter, compile=True), compiles=True))
+            found.append(Strategy(f"{name}, compiled", OURS, _ours(target, drafter, compile=True),
+                                  warms_every_batch=True))
         if auto and drafter is not None:
-            found.append(Strategy(f"{name}, auto", OURS, _ours(target, drafter, speculation="auto")))
+            found.append(Strategy(f"{name}, auto", OURS, _ours(target, drafter, speculation="auto"),
+                                  warms_every_batch=True))
         if drafter is None:  # transformers' assisted generation after our loop's own cost
             if models.draft is not None:
                 found.append(Strategy("assisted: draft model", ASSISTED,
@@ -173,9 +178,10 @@ def _peers(models: Models, peers: dict, draft_tokens: int, max_length: int) -> l
                                "accepted": c["accepted"]} if counted else None
         return run
 
-    found = [Strategy("gpt-fast: plain", BASELINE, call(peer.plain, False), compiles=True, batch_one=True)]
+    found = [Strategy("gpt-fast: plain", BASELINE, call(peer.plain, False), warms_every_batch=True,
+                      batch_one=True)]
     if models.draft is not None:
-        found.append(Strategy("gpt-fast: speculative", PEER, call(peer.speculative, True), compiles=True,
+        found.append(Strategy("gpt-fast: speculative", PEER, call(peer.speculative, True), warms_every_batch=True,
                               batch_one=True))
     return found
 
@@ -229,7 +235,7 @@ def measure(models: Models, prompts: list[str], *, modes=("greedy", "sample"), b
             seed: int = 0, progress: bool = True, after_cell=None, **options) -> dict:
     """Runs every strategy (or those named in ``only``, beside the baselines and our no-drafter path) in each mode at
     each batch size: batch b takes up to ``calls`` batches of b ragged, left-padded prompts, after one untimed
-    warm-up call (a compiling strategy warms up on every batch); each batch's time is the median of
+    warm-up call (ours, and those that compile, warm up on every batch); each batch's time is the median of
     ``repeats`` calls (on a CPU one call's time swings widely). Returns per-cell totals and completions;
     ``after_cell(results)`` sees the rows so far after each cell (a long run can save them). ``options`` go to
     ``strategies``."""
@@ -318,7 +324,7 @@ def _cell(models: Models, strategy: Strategy, batches: list[dict], kwargs: dict,
     for model in (target, models.draft):
         if model is not None:
             release(model)  # what earlier strategies kept would count in this one's peak
-    for x in batches if strategy.compiles else batches[:1]:
+    for x in batches if strategy.warms_every_batch else batches[:1]:
         torch.manual_seed(seed)
         strategy.run(x["input_ids"], x["attention_mask"], **kwargs)
     compiled_before = _graphs_compiled()

@@ -32,8 +32,8 @@ def _new_token_count(acc, sampling: Sampling, room: torch.Tensor) -> torch.Tenso
 
 
 # Counters a step adds up on the device, so that keeping statistics reads nothing back per step. After them,
-# ``ACCEPTED_BINS`` more: how many active rows accepted 0, 1, ... drafted tokens in a step (the last bin: that
-# many or more), from which ``speculation="auto"`` predicts what a smaller tree would accept.
+# ``ACCEPTED_BINS`` more: in how many steps the row furthest behind accepted 0, 1, ... drafted tokens (the last
+# bin: that many or more), from which ``speculation="auto"`` predicts what a step buys the call.
 COUNTERS = ("steps", "row_steps", "drafted_tokens", "accepted_tokens", "new_tokens")
 ACCEPTED_BINS = 16
 COUNTER_SIZE = len(COUNTERS) + ACCEPTED_BINS
@@ -60,8 +60,13 @@ def keep_accepted(tree: Tree, logits: torch.Tensor, features: torch.Tensor | Non
         torch.where(active, acc.length - 1, 0).sum(),
         count.sum(),
     ])
-    # Each active row adds one to the bin of its accepted length: one scatter, not a (rows x bins) comparison.
-    counters[len(COUNTERS):].index_add_(0, (acc.length - 1).clamp(max=ACCEPTED_BINS - 1), active.long())
+    # A call ends when its last row does: the row with the fewest tokens after the step, of those still open,
+    # sets its pace. Its accepted length is binned; the average row's would credit a large batch with tokens
+    # that rows far ahead gain while the call waits for the one behind.
+    open_rows = ~seqs.finished
+    behind = torch.where(open_rows, seqs.end, seqs.tokens.shape[1]).argmin().reshape(1)
+    counters[len(COUNTERS):].index_add_(0, (acc.length[behind] - 1).clamp(max=ACCEPTED_BINS - 1),
+                                        open_rows[behind].long())
     return acc.path, torch.where(active, acc.length, 0), acc.tokens, count
 
 

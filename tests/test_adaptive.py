@@ -8,7 +8,10 @@ import specdec
 from models import perturbed, prompts, tiny
 from specdec import adaptive, heads
 from specdec import session as sessions
-from specdec.step import ACCEPTED_BINS, COUNTERS
+from specdec.sampling import Sampling
+from specdec.sequences import Sequences
+from specdec.step import ACCEPTED_BINS, COUNTER_SIZE, COUNTERS, keep_accepted
+from specdec.tree import Tree
 from test_greedy import make_drafter
 from test_sampling import PROMPT, ROWS, SETTINGS, V, chi2_pvalue, make_drafter as sampling_drafter, warpers
 
@@ -114,14 +117,29 @@ def test_a_later_call_starts_from_what_the_session_kept():
     assert adaptive.Speculation(MODES, DEPTHS, kept, device).current == 1
 
 
-def test_the_step_counts_each_rows_accepted_length():
+def test_the_step_bins_the_acceptance_of_the_row_furthest_behind():
+    """Row 0 accepts its whole chain of 4 and row 1 none: the call waits for row 1, so its 0 is binned. The bins
+    held one count per row, and at batch 64 credited drafting with what rows far ahead gained."""
+    seqs = Sequences.from_prompt(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long), 20)
+    chain = torch.tensor([[1, 5, 6, 7, 8]] * 2)
+    tree = Tree.drafted(chain, torch.arange(-1, 4).expand(2, -1), seqs.finished)
+    predicted = torch.tensor([[5, 6, 7, 8, 9], [9, 9, 9, 9, 9]])  # the target's argmax after each node
+    logits = torch.nn.functional.one_hot(predicted, 16).float()
+    counters = torch.zeros(COUNTER_SIZE, dtype=torch.long)
+    greedy = Sampling(False, 1.0, None, None, (), 0, 0)
+    keep_accepted(tree, logits, None, greedy, seqs, counters)
+    assert seqs.end.tolist() == [8, 4] and counters[COUNTERS.index("accepted_tokens")] == 4
+    assert counters[len(COUNTERS):].tolist() == [1] + [0] * (ACCEPTED_BINS - 1)
+
+
+def test_the_loop_bins_every_step_but_the_last():
+    """The last step closes the last open row, so no row is behind after it."""
     target = tiny()
     ids, mask = prompts(3, 6, seed=2)
     out = specdec.generate(target, ids, attention_mask=mask, drafter=specdec.DraftModel(perturbed(target), 4),
                            max_new_tokens=40, fast_path=True, return_dict_in_generate=True)
     bins = sessions._sessions[target].counters[len(COUNTERS):].tolist()
-    assert sum(bins) == out.stats.row_steps and bins[4] > 0
-    assert sum(length * n for length, n in enumerate(bins)) == out.stats.accepted_tokens
+    assert sum(bins) == out.stats.steps - 1
 
 
 def test_auto_stops_drafting_when_drafting_costs_more_than_it_gains():

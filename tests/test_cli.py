@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 import specdec
 from specdec import bench, cli, embedded
+from specdec import session as sessions
 
 BUDGET = 12_000_000  # bytes: the embedded default must stay small enough to ship inside the package
 
@@ -104,6 +106,27 @@ def test_bench_batches_ragged_prompts_and_leaves_batch_one_strategies_out(models
     assert len(record["completions"]["greedy, batch 2: specdec: eagle"]) == 4
     with pytest.raises(ValueError, match="batch_sizes"):
         bench.measure(models, models.prompts(2), batch_sizes=(4,), progress=False)
+
+
+def test_bench_times_no_call_that_outgrows_the_kept_session(models, monkeypatch):
+    """Our strategies warm up on every batch. Warmed on the first alone, a later, longer prompt outgrew the
+    session kept on the target in a timed call, which captured its steps (and "auto" measured its costs) anew."""
+    monkeypatch.setattr(sessions, "ROUND", 1)  # sessions sized exactly: any longer prompt outgrows them
+    monkeypatch.setattr(bench, "generate", functools.partial(specdec.generate, fast_path=True))  # as on a GPU
+    tok = models.tokenizer
+    prompts = sorted(models.prompts(2), key=lambda p: len(tok(p).input_ids))
+    assert len(tok(prompts[0]).input_ids) < len(tok(prompts[1]).input_ids)
+    seen, sync = set(), bench._sync
+
+    def timing(device):
+        session = sessions._sessions.get(models.target)
+        if session is not None:
+            seen.add(id(session))
+        return sync(device)
+
+    monkeypatch.setattr(bench, "_sync", timing)
+    bench.measure(models, prompts, modes=("greedy",), calls=2, max_new_tokens=4, progress=False, only=[])
+    assert len(seen) == 1
 
 
 def test_bench_tau_counts_the_rows_still_generating(models, monkeypatch):
