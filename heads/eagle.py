@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -84,6 +85,16 @@ class EagleHead(nn.Module):
         return captured[0], logits
 
 
+class _Pool(NamedTuple):
+    """EAGLE's candidates, one tensor per level: tokens and parents (pool indices, 0 the root) (B, n), scores
+    (B, n) float64, and when sampling each candidate's draft distribution (B, n, V)."""
+
+    tokens: list[torch.Tensor]
+    parents: list[torch.Tensor]
+    scores: list[torch.Tensor]
+    q: list[torch.Tensor] | None
+
+
 class Eagle(Drafter):
     """``propose`` is device work alone (``Drafter.drafts_in_step``), captured with verification on a GPU: the
     head's first pass is as wide as the most pairs a row can have gained since the last step, and its cache
@@ -129,6 +140,10 @@ class Eagle(Drafter):
             self.forwards += prefill(self.head.decoder, self.cache, pairs, seqs.start)[0]
         self.cache.hold(seqs.limit)
         self.stepping = self.compiled(self.head.decoder)
+        # The tree's construction between the head's passes, compiled as they are: a few fused kernels, not
+        # dozens per level. Unbound, so that the smaller shapes (copies) run it with their own sizes.
+        self.root_level, self.next_level, self.cut = map(self.compiled, (Eagle._root_level, Eagle._next_level,
+                                                                         Eagle._cut))
 
     def _run(self, fn, *args):
         with features.capture(self.head.decoder) as captured:
@@ -150,7 +165,7 @@ class Eagle(Drafter):
     @torch.no_grad()
     def propose(self, seqs: Sequences) -> Tree:
         logits, feats = self._catch_up(seqs)
-        return self._cut(seqs, *self._grow(seqs, logits, feats))
+        return self.cut(self, seqs, self._grow(seqs, logits, feats))
 
     @property
     def max_depth(self) -> int:
@@ -185,47 +200,63 @@ class Eagle(Drafter):
         at = last[..., None]
         return logits.gather(1, at.expand(-1, -1, logits.shape[-1])), feats.gather(1, at.expand(-1, -1, feats.shape[-1]))
 
-    def _grow(self, seqs: Sequences, root_logits: torch.Tensor, root_feats: torch.Tensor) -> tuple:
+    def _grow(self, seqs: Sequences, root_logits: torch.Tensor, root_feats: torch.Tensor) -> _Pool:
         """The candidate pool, level by level: each level feeds the ``top_k`` best nodes so far and ranks their
-        children. Returns (tokens, parents, scores, draft distributions or None, pool size)."""
-        batch, dev, k = seqs.end.shape[0], seqs.end.device, self.top_k
-        # Candidate pool, level by level: tokens, parent (pool index, 0 = root) and score (float64, so the
-        # small depth penalty always breaks parent-child ties in the parent's favour).
-        kids, kid_logp, q = self._children(root_logits, seqs, 0)
-        pool_tokens, pool_parents, pool_scores = [kids[:, 0]], [torch.zeros_like(kids[:, 0])], [kid_logp[:, 0]]
-        pool_q = [q.expand(-1, k, -1)] if q is not None else None  # each node's draft distribution
-        parent_feats = root_feats.expand(-1, k, -1)  # what each frontier node is fed with
-        frontier = torch.arange(1, k + 1, device=dev).expand(batch, -1)  # pool indices of the nodes to feed
+        children. Between the head's passes, ``_root_level`` and ``_next_level`` (compiled with the passes)."""
+        pool, frontier, inputs = self.root_level(self, seqs, root_logits, root_feats)
         fed_parents = None  # each frontier node's parent among the last level fed (None: the root)
         levels = Levels(functools.partial(self._run, forward_nodes), self.cache, Prefix(seqs.start, seqs.end - 1),
                         (seqs.end - 2 - seqs.start)[:, None])
-        size = 1 + k
         for level in range(1, self.depth):
-            tokens = torch.cat([seqs.last[:, None]] + pool_tokens, 1)
-            logits, feats = levels.feed(self.head.inputs(parent_feats, tokens.gather(1, frontier)), fed_parents)
-            kids, kid_logp, q = self._children(logits, seqs, level)  # (B, F, k)
-            scores = torch.cat([torch.zeros_like(pool_scores[0][:, :1])] + pool_scores, 1)
-            kid_scores = (scores.gather(1, frontier)[..., None] + kid_logp - 1e-6).flatten(1)
-            pool_tokens.append(kids.flatten(1))
-            if pool_q is not None:
-                pool_q.append(q[:, :, None].expand(-1, -1, k, -1).flatten(1, 2))
-            pool_parents.append(frontier[..., None].expand(-1, -1, k).flatten(1))
-            pool_scores.append(kid_scores)
-            best = kid_scores.topk(k, dim=-1).indices
-            frontier = size + best
-            fed_parents = best // k
-            parent_feats = feats.gather(1, fed_parents[..., None].expand(-1, -1, feats.shape[-1]))
-            size += kid_scores.shape[1]
-        return pool_tokens, pool_parents, pool_scores, pool_q, size
+            logits, feats = levels.feed(inputs, fed_parents)
+            pool, frontier, fed_parents, inputs = self.next_level(self, seqs, level, logits, feats, pool, frontier)
+        return pool
 
-    def _cut(self, seqs: Sequences, pool_tokens, pool_parents, pool_scores, pool_q, size) -> Tree:
+    def _root_level(self, seqs: Sequences, logits: torch.Tensor, feats: torch.Tensor) -> tuple:
+        """The root's ``top_k`` children, as the pool's first level and the first frontier (pool indices), and
+        the frontier's inputs to the head."""
+        batch, dev, k = seqs.end.shape[0], seqs.end.device, self.top_k
+        kids, kid_logp, q = self._children(logits, seqs, 0)
+        # Scores in float64, so the small depth penalty always breaks parent-child ties in the parent's favour.
+        pool = _Pool([kids[:, 0]], [torch.zeros_like(kids[:, 0])], [kid_logp[:, 0]],
+                     None if q is None else [q.expand(-1, k, -1)])
+        frontier = torch.arange(1, k + 1, device=dev).expand(batch, -1)
+        return pool, frontier, self._inputs(seqs, pool, frontier, feats.expand(-1, k, -1))
+
+    def _next_level(self, seqs: Sequences, level: int, logits: torch.Tensor, feats: torch.Tensor, pool: _Pool,
+                    frontier: torch.Tensor) -> tuple:
+        """The children of ``frontier`` (B, k), fed as ``logits`` and ``feats`` (B, k, ...), into the pool; the
+        best ``top_k`` of them are the next frontier. Returns the pool, the frontier, its parents among the
+        nodes just fed, and its inputs to the head (None after the last level)."""
+        k = self.top_k
+        size = 1 + sum(scores.shape[1] for scores in pool.scores)
+        kids, kid_logp, q = self._children(logits, seqs, level)  # (B, k, k)
+        scores = torch.cat([torch.zeros_like(pool.scores[0][:, :1])] + pool.scores, 1)
+        kid_scores = (scores.gather(1, frontier)[..., None] + kid_logp - 1e-6).flatten(1)
+        pool = _Pool(pool.tokens + [kids.flatten(1)], pool.parents + [frontier[..., None].expand(-1, -1, k).flatten(1)],
+                     pool.scores + [kid_scores],
+                     None if q is None else pool.q + [q[:, :, None].expand(-1, -1, k, -1).flatten(1, 2)])
+        best = kid_scores.topk(k, dim=-1).indices
+        fed_parents = best // k
+        if level == self.depth - 1:
+            return pool, None, None, None
+        parent_feats = feats.gather(1, fed_parents[..., None].expand(-1, -1, feats.shape[-1]))
+        return pool, size + best, fed_parents, self._inputs(seqs, pool, size + best, parent_feats)
+
+    def _inputs(self, seqs: Sequences, pool: _Pool, frontier: torch.Tensor, parent_feats: torch.Tensor):
+        """The head's inputs for the ``frontier`` nodes: their tokens with their parents' predicted features."""
+        tokens = torch.cat([seqs.last[:, None]] + pool.tokens, 1)
+        return self.head.inputs(parent_feats, tokens.gather(1, frontier))
+
+    def _cut(self, seqs: Sequences, pool: _Pool) -> Tree:
         """The best ``total_tokens`` candidates (whole sibling groups when sampling) as the tree."""
         batch, dev, k = seqs.end.shape[0], seqs.end.device, self.top_k
-        tokens = torch.cat(pool_tokens, 1)
-        scores = torch.cat(pool_scores, 1)
-        parents = torch.cat(pool_parents, 1)
+        tokens = torch.cat(pool.tokens, 1)
+        scores = torch.cat(pool.scores, 1)
+        parents = torch.cat(pool.parents, 1)
+        size = 1 + scores.shape[1]
         n_keep = min(self.total_tokens, scores.shape[1])
-        if pool_q is None:
+        if pool.q is None:
             keep = scores.topk(n_keep, dim=-1).indices
         else:  # whole sibling groups (k consecutive pool entries), best parent first; see the module docstring
             parent_scores = torch.cat([torch.zeros_like(scores[:, :1]), scores], 1).gather(1, parents[:, ::k])
@@ -238,8 +269,8 @@ class Eagle(Drafter):
         new_index.scatter_(1, keep + 1, torch.arange(1, keep.shape[1] + 1, device=dev).expand(batch, -1))
         tree_parents = new_index.gather(1, parents.gather(1, keep))
         draft_probs = None
-        if pool_q is not None:
-            kept_q = torch.cat(pool_q, 1).gather(1, keep[..., None].expand(-1, -1, pool_q[0].shape[-1]))
+        if pool.q is not None:
+            kept_q = torch.cat(pool.q, 1).gather(1, keep[..., None].expand(-1, -1, pool.q[0].shape[-1]))
             draft_probs = torch.cat([torch.zeros_like(kept_q[:, :1]), kept_q], 1)
         return Tree.drafted(torch.cat([seqs.last[:, None], tokens.gather(1, keep)], 1),
                             torch.cat([torch.full((batch, 1), -1, device=dev), tree_parents], 1), seqs.finished,

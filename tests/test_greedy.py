@@ -9,6 +9,8 @@ from models import ARCHS, PAD, perturbed, prompts, tiny
 
 DRAFTERS = ["none", "draft_chain", "draft_tree", "prompt_lookup", "lookup_tree", "medusa", "eagle"]
 
+EAGLE_TREE = (heads.Eagle._root_level, heads.Eagle._next_level, heads.Eagle._cut)
+
 
 def make_drafter(kind, target):
     draft = perturbed(target)
@@ -77,11 +79,12 @@ def test_drafters_rank_the_vocabulary_in_slices(monkeypatch, kind):
     assert sliced.stats.accepted_tokens == whole.stats.accepted_tokens > 0
 
 
-@pytest.mark.parametrize("kind,module", [("draft_chain", lambda d: d.model), ("medusa", lambda d: d.heads),
-                                         ("eagle", lambda d: d.head.decoder)])
-def test_compile_fuses_the_drafters_own_passes(monkeypatch, kind, module):
-    """Under ``compile=True`` the draft model, the Medusa heads and EAGLE's decoder are compiled as the target
-    is, and without it none is. ``torch.compile`` is only recorded here; the test above runs it."""
+@pytest.mark.parametrize("kind,parts", [("draft_chain", lambda d: [d.model]), ("medusa", lambda d: [d.heads]),
+                                        ("eagle", lambda d: [d.head.decoder, *EAGLE_TREE])])
+def test_compile_fuses_the_drafters_own_passes(monkeypatch, kind, parts):
+    """Under ``compile=True`` the draft model, the Medusa heads, and EAGLE's decoder and tree construction are
+    compiled as the target is, and without it none is. ``torch.compile`` is only recorded here; the test above
+    runs it."""
     target = tiny("llama")
     drafter = make_drafter(kind, target)
     ids, mask = prompts(2, 6, 0)
@@ -92,7 +95,7 @@ def test_compile_fuses_the_drafters_own_passes(monkeypatch, kind, module):
         got = specdec.generate(target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=8, compile=compile,
                                fast_path=True)
         assert torch.equal(got, target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=8))
-        assert (module(drafter) in compiled) == compile and (target in compiled) == compile
+        assert all((part in compiled) == compile for part in parts(drafter)) and (target in compiled) == compile
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
