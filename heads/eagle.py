@@ -233,15 +233,16 @@ class Eagle(Drafter):
         kids, kid_logp, q = self._children(logits, seqs, level)  # (B, k, k)
         scores = torch.cat([torch.zeros_like(pool.scores[0][:, :1])] + pool.scores, 1)
         kid_scores = (scores.gather(1, frontier)[..., None] + kid_logp - 1e-6).flatten(1)
-        pool = _Pool(pool.tokens + [kids.flatten(1)], pool.parents + [frontier[..., None].expand(-1, -1, k).flatten(1)],
+        pool = _Pool(pool.tokens + [kids.flatten(1)],
+                     pool.parents + [frontier[..., None].expand(-1, -1, k).flatten(1)],
                      pool.scores + [kid_scores],
                      None if q is None else pool.q + [q[:, :, None].expand(-1, -1, k, -1).flatten(1, 2)])
-        best = kid_scores.topk(k, dim=-1).indices
-        fed_parents = best // k
         if level == self.depth - 1:
             return pool, None, None, None
+        best = kid_scores.topk(k, dim=-1).indices
+        frontier, fed_parents = size + best, best // k
         parent_feats = feats.gather(1, fed_parents[..., None].expand(-1, -1, feats.shape[-1]))
-        return pool, size + best, fed_parents, self._inputs(seqs, pool, size + best, parent_feats)
+        return pool, frontier, fed_parents, self._inputs(seqs, pool, frontier, parent_feats)
 
     def _inputs(self, seqs: Sequences, pool: _Pool, frontier: torch.Tensor, parent_feats: torch.Tensor):
         """The head's inputs for the ``frontier`` nodes: their tokens with their parents' predicted features."""
