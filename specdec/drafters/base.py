@@ -71,10 +71,11 @@ class Drafter:
             self.kept = Kept(self.owner)
         return self.kept
 
-    def compiled(self, module):
-        """``module`` for the step's fixed-shape passes: fused by ``torch.compile`` when the call compiles, as
-        the target is, so that drafting is not hundreds of small kernels beside a fused verification."""
-        return compile_static(module) if self.compile else module
+    def compiled(self, fn):
+        """``fn`` (a module, or the tensor work between its passes) for the step's fixed shapes: fused by
+        ``torch.compile`` when the call compiles, as the target is, so that drafting is not hundreds of small
+        kernels beside a fused verification."""
+        return compile_static(fn) if self.compile else fn
 
     def shapes(self) -> list["Drafter"]:
         """The shapes ``speculation="auto"`` may choose among, after ``begin``: this drafter, then smaller trees
